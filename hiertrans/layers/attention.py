@@ -1,0 +1,101 @@
+"""The attention core shared by every model here: projections around `F.scaled_dot_product_attention`."""
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .rotary import RotaryEmbedding
+
+
+def split_heads(t: Tensor, heads: int) -> Tensor:
+    return rearrange(t, "b n (h d) -> b h n d", h=heads)
+
+
+def merge_heads(t: Tensor) -> Tensor:
+    return rearrange(t, "b h n d -> b n (h d)")
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout: float = 0.0) -> Tensor:
+    """`(b, h, n, d)` queries against `(b, h, m, d)` keys/values, on SDPA (flash or memory-efficient
+    kernels where the device has them)."""
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
+
+
+def attention_probs(q: Tensor, k: Tensor, causal: bool = False) -> Tensor:
+    """The attention matrix `(b, h, n, m)` that `attend` applies; materialised only for inspection."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if causal:
+        n, m = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def _local_mask(window: int, blocks: int, device: torch.device) -> Tensor:
+    # Query i of a block sees key j of (previous block ++ this block) iff i <= j <= i + window,
+    # i.e. absolute key positions t - window .. t; the first block has no previous block.
+    i = torch.arange(window, device=device)[:, None]
+    j = torch.arange(2 * window, device=device)[None, :]
+    mask = ((j >= i) & (j <= i + window)).expand(blocks, window, 2 * window).clone()
+    mask[0, :, :window] = False
+    return mask
+
+
+def local_attend(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+    """Causal sliding-window attention: position t attends to positions t - window .. t.
+
+    `(b, h, n, d) -> (b, h, n, d)`. Computed blockwise on SDPA (queries in blocks of `window`
+    against their own and the previous block), so cost is linear in n. Any n works: the tail is
+    padded after the last position, which causality keeps invisible.
+    """
+    n = q.shape[-2]
+    if n <= window + 1:  # every position already sees its whole past
+        return attend(q, k, v, causal=True)
+    pad = -n % window
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    blocks = (n + pad) // window
+    qb = rearrange(q, "b h (w n) d -> b h w n d", n=window)
+    k, v = (F.pad(t, (0, 0, window, 0)).unfold(2, 2 * window, window).transpose(-1, -2) for t in (k, v))
+    out = F.scaled_dot_product_attention(qb, k, v, attn_mask=_local_mask(window, blocks, q.device))
+    return rearrange(out, "b h w n d -> b h (w n) d")[:, :, :n]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, `(b, n, dim) -> (b, n, dim)`.
+
+    Full (`window_size=None`) or causal sliding-window attention (`window_size=w`: each position
+    sees the previous `w`); `causal` masks the future; `rotary` adds rotary position embeddings.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        causal: bool = False,
+        window_size: int | None = None,
+        rotary: bool = False,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        out_bias: bool = True,
+    ):
+        super().__init__()
+        if window_size is not None and not causal:
+            raise ValueError("window_size is only supported for causal attention")
+        self.heads, self.causal, self.window_size = heads, causal, window_size
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, 3 * heads * dim_head, bias=qkv_bias)
+        self.proj = nn.Linear(heads * dim_head, dim, bias=out_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.rotary = RotaryEmbedding(dim_head) if rotary else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        if self.rotary is not None:
+            q, k = self.rotary(q, k)
+        if self.window_size is not None:
+            out = local_attend(q, k, v, self.window_size)
+        else:
+            out = attend(q, k, v, causal=self.causal, dropout=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(merge_heads(out)))

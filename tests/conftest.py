@@ -1,0 +1,41 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# tiny models on 2 cores: more threads only add contention
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Run `python -m hiertrans ...` in a fresh temporary directory; returns the CompletedProcess."""
+    import subprocess
+
+    def run(*args: str, timeout: float = 300, check: bool = True):
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        proc = subprocess.run([sys.executable, "-m", "hiertrans", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
+        return proc
+
+    return run
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[float]]:
+    """All scalar tags of every TensorBoard event file under `log_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[float]] = {}
+    for event_file in log_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(event_file), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+    return scalars
