@@ -301,13 +301,20 @@ class HierarchicalTransformer(nn.Module):
         return_hierarchical_token_embeds: bool = False,
         return_hierarchical_embeds: bool = False,
         ablate_hierarchical_merge: bool = False,
+        labels: Tensor | None = None,
     ):
         """`ids (b, n)` -> logits `(b, n, num_tokens)`; with `return_loss`, `ids` holds n + 1 tokens
-        and the result is `(total, (ce, recon, hierarchical_ar))`."""
-        if return_loss:
+        and the result is `(total, (ce, recon, hierarchical_ar))`.
+
+        `labels (b, n)`, if given with `return_loss`, are the targets for `ids (b, n)` instead
+        (positions to skip hold `ignore_index`).
+        """
+        if return_loss and labels is None:
             if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[1] < 2:
                 raise ValueError("return_loss needs ids of shape (batch, length + 1) with length >= 1")
             ids, labels = ids[:, :-1], ids[:, 1:]
+        elif labels is not None and labels.shape != ids.shape:
+            raise ValueError(f"labels of shape {tuple(labels.shape)} must match ids {tuple(ids.shape)}")
         self.check_ids(ids)
         n = ids.shape[1]
 

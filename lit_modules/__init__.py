@@ -1,0 +1,6 @@
+"""LightningModules: one per task."""
+
+from .callbacks import ValidateAtEnd
+from .language_model import LanguageModel
+
+__all__ = ["LanguageModel", "ValidateAtEnd"]

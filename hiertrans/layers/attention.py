@@ -16,10 +16,17 @@ def merge_heads(t: Tensor) -> Tensor:
     return rearrange(t, "b h n d -> b n (h d)")
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout: float = 0.0) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout: float = 0.0,
+           mask: Tensor | None = None) -> Tensor:
     """`(b, h, n, d)` queries against `(b, h, m, d)` keys/values, on SDPA (flash or memory-efficient
-    kernels where the device has them)."""
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
+    kernels where the device has them).
+
+    `mask`: optional boolean, broadcastable to `(b, h, n, m)`, True where a query may attend to a
+    key (e.g. a key-padding mask `(b, 1, 1, m)`); not combinable with `causal`.
+    """
+    if mask is not None and causal:
+        raise ValueError("attend takes either causal=True or an explicit mask, not both")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
 
 
 def attention_probs(q: Tensor, k: Tensor, causal: bool = False) -> Tensor:
@@ -90,12 +97,16 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.rotary = RotaryEmbedding(dim_head) if rotary else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """`mask`: optional boolean attention mask for `attend` (True = may attend), e.g. `(b, 1, 1, n)`."""
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         if self.rotary is not None:
             q, k = self.rotary(q, k)
         if self.window_size is not None:
+            if mask is not None:
+                raise ValueError("sliding-window attention does not take a mask")
             out = local_attend(q, k, v, self.window_size)
         else:
-            out = attend(q, k, v, causal=self.causal, dropout=self.attn_drop if self.training else 0.0)
+            dropout = self.attn_drop if self.training else 0.0
+            out = attend(q, k, v, causal=self.causal, dropout=dropout, mask=mask)
         return self.proj_drop(self.proj(merge_heads(out)))

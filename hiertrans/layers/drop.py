@@ -29,4 +29,5 @@ class DropPath(nn.Module):
 
 def linear_drop_path_rates(rate: float, total: int) -> list[float]:
     """Stochastic depth probabilities rising linearly from 0 to `rate` over `total` blocks."""
-    return torch.linspace(0, rate, total).tolist() if total > 1 else [0.0] * total
+    # on the CPU explicitly: a default-device context (e.g. meta, to count parameters) must not leak in
+    return torch.linspace(0, rate, total, device="cpu").tolist() if total > 1 else [0.0] * total

@@ -1,0 +1,372 @@
+"""Byte-level text corpora for the hierarchical language model.
+
+The whole corpus is one `torch.uint8` tensor; the vocabulary is the 256 byte values. It is split
+by position into train | val | test (never by sampling files, which would leak near-duplicate
+files across splits). Training draws random crops; validation and test walk their split once, in
+order, so their loss is the exact figure over every byte.
+
+Corpus sources (`path`):
+- `None`: the Python standard library's own source, every `.py` file under
+  `sysconfig.get_paths()["stdlib"]` sorted by relative posix path, without `site-packages`,
+  `dist-packages` (installed packages differ between machines) and `__pycache__`.
+- a file: its bytes, as they are; a `.gz` file is decompressed. enwik8 (exactly 100,000,000
+  bytes, or a name containing "enwik8") takes the standard 90% / 5% / 5% split (90M/5M/5M).
+- a directory: every file below it, recursively in sorted order, that is not hidden (no
+  component starting with ".") and looks like text (its first 8 KiB contain no NUL byte).
+
+Files are joined with one newline between consecutive non-empty files (a visible boundary that
+costs one byte); empty files contribute nothing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence, Sized
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+ENWIK8_BYTES = 100_000_000
+SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB marks a file as binary
+STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+
+# Loaded corpora, keyed by (path, mtime_ns, size) of every source file: repeated setup() calls
+# (fit, then test, or many datamodules in one test session) read the disk once.
+_CORPUS_CACHE: dict[tuple, Tensor] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# corpus loading
+
+
+def _sorted_walk(root: Path, keep_dir, keep_file) -> list[Path]:
+    """Files under `root` accepted by the filters, sorted by relative posix path (OS-independent)."""
+    rels = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # pruning in place keeps os.walk out of skipped trees (site-packages is most of the time)
+        dirnames[:] = [d for d in dirnames if keep_dir(d)]
+        rel = Path(dirpath).relative_to(root)
+        rels += [(rel / f).as_posix() for f in filenames if keep_file(f)]
+    return [root / r for r in sorted(rels)]
+
+
+def stdlib_files(root: str | os.PathLike | None = None) -> list[Path]:
+    """The default corpus' files: every `.py` under the stdlib, sorted, without installed packages."""
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    return _sorted_walk(root, lambda d: d not in STDLIB_SKIP_DIRS, lambda f: f.endswith(".py"))
+
+
+def _looks_like_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" not in f.read(SNIFF_BYTES)
+
+
+def text_files(directory: str | os.PathLike) -> list[Path]:
+    """Non-hidden files under `directory` whose first 8 KiB hold no NUL byte, sorted by relative path."""
+    files = _sorted_walk(Path(directory), lambda d: not d.startswith("."), lambda f: not f.startswith("."))
+    return [f for f in files if f.is_file() and _looks_like_text(f)]
+
+
+def _read(path: Path) -> bytes:
+    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+
+
+def _describe(path: str | os.PathLike | None) -> str:
+    return f"the stdlib .py files under {sysconfig.get_paths()['stdlib']}" if path is None else str(path)
+
+
+def load_corpus(path: str | os.PathLike | None = None) -> Tensor:
+    """The corpus at `path` (see the module docstring; `None` = the stdlib) as one uint8 tensor.
+
+    Cached in-process; raises `ValueError` for a missing path or an empty corpus.
+    """
+    if path is None:
+        root = sysconfig.get_paths()["stdlib"]
+        files = stdlib_files(root)
+        if not files:
+            raise ValueError(f"default corpus is empty: no .py files under {root} "
+                             f"(outside {', '.join(sorted(STDLIB_SKIP_DIRS))})")
+    else:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise ValueError(f"corpus path {str(p)!r} does not exist")
+        if p.is_dir():
+            files = text_files(p)
+            if not files:
+                raise ValueError(f"no text files in directory {str(p)!r}: looked for non-hidden files "
+                                 f"whose first {SNIFF_BYTES} bytes contain no NUL byte")
+        else:
+            files = [p]
+    key = tuple((str(f), st.st_mtime_ns, st.st_size) for f in files for st in (f.stat(),))
+    if key in _CORPUS_CACHE:
+        return _CORPUS_CACHE[key]
+    data = b"\n".join(blob for blob in map(_read, files) if blob)
+    if not data:
+        raise ValueError(f"corpus is empty: {_describe(path)} holds no bytes")
+    # bytearray: torch.frombuffer wants a writable buffer (we never write to it)
+    corpus = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    _CORPUS_CACHE[key] = corpus
+    return corpus
+
+
+def is_enwik8(path: str | os.PathLike | None, num_bytes: int) -> bool:
+    """enwik8 is recognised by its exact size or by name, and then takes its standard split."""
+    return num_bytes == ENWIK8_BYTES or (path is not None and "enwik8" in Path(path).name)
+
+
+def split_sizes(num_bytes: int, val_fraction: float, test_fraction: float,
+                enwik8: bool = False) -> tuple[int, int, int]:
+    """(train, val, test) byte counts; val and test round down, train takes the rest."""
+    if enwik8:  # 90M / 5M / 5M for the real file; the same proportions for a truncated copy
+        val_fraction = test_fraction = 0.05
+    n_val, n_test = int(num_bytes * val_fraction), int(num_bytes * test_fraction)
+    return num_bytes - n_val - n_test, n_val, n_test
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets and samplers
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from ints (splitmix64 steps; Python's hash() of a tuple may change between versions)."""
+    mask, h = (1 << 64) - 1, 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (v & mask)) * 0xBF58476D1CE4E5B9) & mask
+        h ^= h >> 31
+    return h >> 1
+
+
+class RandomCropDataset(Dataset):
+    """`num_samples` random crops of `seq_len + 1` bytes per epoch from `data`, as long tensors.
+
+    Crop i of epoch e is a pure function of (seed, e, i): the epoch's offsets come from a generator
+    seeded by (seed, e). Index with `(epoch, i)` (what `EpochSampler` yields, so the epoch travels
+    with the index into worker processes) or with a plain `i`, which uses `self.epoch`.
+    """
+
+    def __init__(self, data: Tensor, seq_len: int, num_samples: int, seed: int = 0):
+        if len(data) < seq_len + 1:
+            raise ValueError(f"need at least seq_len + 1 = {seq_len + 1} bytes to crop, got {len(data)}")
+        self.data, self.seq_len, self.num_samples, self.seed = data, seq_len, num_samples, seed
+        self.epoch = 0
+        self._offsets: tuple[int, Tensor] | None = None  # (epoch, offsets) of the last epoch asked for
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def offsets(self, epoch: int) -> Tensor:
+        """Start positions of the epoch's crops (computed once per epoch and process)."""
+        if self._offsets is None or self._offsets[0] != epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            high = len(self.data) - self.seq_len  # last start whose crop still fits
+            self._offsets = (epoch, torch.randint(high, (self.num_samples,), generator=g))
+        return self._offsets[1]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int | tuple[int, int]) -> Tensor:
+        epoch, i = index if isinstance(index, tuple) else (self.epoch, index)
+        start = int(self.offsets(epoch)[i])
+        return self.data[start : start + self.seq_len + 1].long()
+
+
+class EpochSampler(Sampler):
+    """Yields `(epoch, i)` for i in range(num_samples), in order.
+
+    Lightning calls `set_epoch` at every epoch start (through the `DistributedSamplerWrapper` it
+    puts around this sampler under DDP, too). Carrying the epoch in the index, rather than setting
+    it on the dataset, reaches worker processes, persistent or not, without shared state.
+    """
+
+    def __init__(self, num_samples: int, epoch: int = 0):
+        self.num_samples, self.epoch = num_samples, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch  # fixed for the whole pass
+        return ((epoch, i) for i in range(self.num_samples))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class WindowDataset(Dataset):
+    """Consecutive windows of `seq_len + 1` bytes with stride `seq_len` over `data`, as long tensors.
+
+    Windows overlap by one byte, so every byte after the first is a target exactly once; the last
+    window is right-padded with `pad_id` (after every real byte, so causality keeps it harmless).
+    """
+
+    def __init__(self, data: Tensor, seq_len: int, pad_id: int = -1):
+        self.data, self.seq_len, self.pad_id = data, seq_len, pad_id
+
+    def __len__(self) -> int:
+        return max(0, -(-(len(self.data) - 1) // self.seq_len))  # ceil((n - 1) / seq_len)
+
+    def __getitem__(self, index: int) -> Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} out of range for {len(self)} windows")
+        start = index * self.seq_len
+        window = self.data[start : start + self.seq_len + 1].long()
+        if len(window) < self.seq_len + 1:
+            window = torch.cat([window, window.new_full((self.seq_len + 1 - len(window),), self.pad_id)])
+        return window
+
+
+class ShardSampler(DistributedSampler):
+    """In-order sharding without padding: rank r takes items r, r + world_size, r + 2 world_size, ...
+
+    Every item is seen exactly once across ranks (`DistributedSampler` pads by repeating items, which
+    would count some windows twice). It subclasses `DistributedSampler` only because Lightning
+    replaces any other sampler under DDP (`_DataConnector._requires_distributed_sampler`). Ranks may
+    get one batch more or less than each other: log validation metrics per epoch, not per step.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int | None = None, rank: int | None = None):
+        initialised = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if initialised else 1
+        if rank is None:
+            rank = dist.get_rank() if initialised else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.total_size = len(dataset)
+        self.num_samples = len(range(rank, self.total_size, num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+# ---------------------------------------------------------------------------------------------
+# the datamodule
+
+
+class ByteTextDataModule(LightningDataModule):
+    """Byte-level text for language modelling: batches of `(batch_size, seq_len + 1)` long tensors.
+
+    Train: `train_samples_per_epoch` random crops per epoch (in total, over all ranks), different
+    every epoch and reproducible from (seed, epoch). Val/test: their whole split once, in order, in
+    windows padded with `pad_id` at the very end. Predict: the UTF-8 bytes of `prompt`, batch size 1.
+    See the module docstring for what `path` may be.
+    """
+
+    vocab_size: int = 256
+
+    def __init__(
+        self,
+        path: str | None = None,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        train_samples_per_epoch: int = 4096,
+        num_workers: int = 0,
+        seed: int = 0,
+        prompt: str = "def ",
+        pad_id: int = -1,
+    ):
+        super().__init__()
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        for name, value in (("batch_size", batch_size), ("train_samples_per_epoch", train_samples_per_epoch)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if val_fraction + test_fraction >= 1:
+            raise ValueError(f"val_fraction + test_fraction = {val_fraction} + {test_fraction} must be < 1 "
+                             "to leave bytes to train on")
+        if 0 <= pad_id < self.vocab_size:
+            raise ValueError(f"pad_id={pad_id} is a byte value; use an index no byte takes, e.g. -1")
+        if not prompt:
+            raise ValueError("prompt must be a non-empty string (generation needs at least one byte)")
+        self.save_hyperparameters()
+        self.path, self.seq_len, self.batch_size = path, seq_len, batch_size
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.train_samples_per_epoch, self.num_workers, self.seed = train_samples_per_epoch, num_workers, seed
+        self.prompt, self.pad_id = prompt, pad_id
+        self.data: Tensor | None = None
+        self.train_bytes = self.val_bytes = self.test_bytes = 0
+
+    @staticmethod
+    def encode(text: str) -> Tensor:
+        """UTF-8 bytes of `text` as a long tensor."""
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+    @staticmethod
+    def decode(ids: Tensor | Sequence[int]) -> str:
+        """Bytes -> text (UTF-8, invalid sequences replaced); negative ids (padding) are dropped."""
+        values = torch.as_tensor(ids).flatten().tolist()
+        return bytes(v for v in values if v >= 0).decode("utf-8", errors="replace")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and split the corpus (once); raises `ValueError` if any split is too short."""
+        if self.data is not None:
+            return
+        data = load_corpus(self.path)
+        enwik8 = is_enwik8(self.path, len(data))
+        n_train, n_val, n_test = split_sizes(len(data), self.val_fraction, self.test_fraction, enwik8)
+        need = self.seq_len + 1
+        for name, size, fraction in (("train", n_train, None), ("val", n_val, self.val_fraction),
+                                     ("test", n_test, self.test_fraction)):
+            if fraction == 0 and not enwik8:
+                continue  # a split asked to be empty stays empty (its dataloader yields nothing)
+            if size < need:
+                hint = "smaller val/test fractions" if name == "train" else f"a larger {name}_fraction"
+                raise ValueError(f"{name} split of {_describe(self.path)} has {size} bytes but seq_len="
+                                 f"{self.seq_len} needs at least {need}: use a smaller seq_len or {hint}")
+        self.data = data
+        self.train_bytes, self.val_bytes, self.test_bytes = n_train, n_val, n_test
+        # views of the one corpus tensor, by position: train | val | test
+        train, val, test = data[:n_train], data[n_train : n_train + n_val], data[n_train + n_val :]
+        self.train_set = RandomCropDataset(train, self.seq_len, self.train_samples_per_epoch, self.seed)
+        self.val_set = WindowDataset(val, self.seq_len, self.pad_id)
+        self.test_set = WindowDataset(test, self.seq_len, self.pad_id)
+        rank_zero_info(
+            f"ByteTextDataModule: {len(data):,} bytes from {_describe(self.path)}"
+            f"{' (enwik8 split)' if enwik8 else ''}: train {n_train:,} | val {n_val:,} ({len(self.val_set)} "
+            f"windows) | test {n_test:,} ({len(self.test_set)} windows), seq_len={self.seq_len}"
+        )
+
+    def _loader(self, dataset: Dataset, sampler: Sampler, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size or self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+        )
+
+    def _require_setup(self) -> None:
+        if self.data is None:
+            raise RuntimeError("ByteTextDataModule: call setup() before asking for a dataloader")
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        # Lightning calls set_epoch at each epoch start; starting from the trainer's epoch also
+        # covers the first epoch after resuming from a checkpoint (the iterator exists before that call)
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return self._loader(self.train_set, EpochSampler(len(self.train_set), epoch))
+
+    def val_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.val_set, ShardSampler(self.val_set))
+
+    def test_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.test_set, ShardSampler(self.test_set))
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader([self.encode(self.prompt)], batch_size=1)

@@ -1,0 +1,180 @@
+import inspect
+import json.decoder
+
+import pytest
+import torch
+
+from hiertrans import HierarchicalBlock, HierarchicalTransformer
+from hiertrans.layers import local_attend
+
+VOCAB = 40
+
+
+def tiny(**kwargs) -> HierarchicalTransformer:
+    torch.manual_seed(0)
+    args = dict(num_tokens=VOCAB, dim=16, depth=2, seq_len=64, heads=2, dim_head=8)
+    return HierarchicalTransformer(**{**args, **kwargs})
+
+
+CAUSAL_CASES = {
+    "flat": dict(hierarchies=1),
+    "flat-local-nondividing": dict(hierarchies=1, window_sizes=5),
+    "two-levels": dict(hierarchies=(1, 2), window_sizes=(4, None)),
+    "four-levels-strided": dict(hierarchies=(1, 2, 4, 8), hierarchical_stride=(1, 2, 2, 4),
+                                window_sizes=(3, 5, None, 2)),
+    "eight-window-longer-than-seq": dict(hierarchies=(1, 8), window_sizes=(100, 3)),
+    "merge-all": dict(hierarchies=(1, 2, 4), hierarchical_stride=(1, 2, 4), hierarchy_merge_all=True,
+                      window_sizes=(3, None, 2)),
+    "merge-all-predict-strided": dict(hierarchies=(2, 4), hierarchical_stride=(2, 2), hierarchy_merge_all=True,
+                                      predict_hierarchy=2),
+    "predict-use-all": dict(hierarchies=(1, 2, 4), hierarchical_stride=(1, 1, 4), predict_use_all_hierarchy=True,
+                            window_sizes=(7, 3, None)),
+    "predict-coarse": dict(hierarchies=(1, 4), predict_hierarchy=4, window_sizes=(0, 3)),
+    "merge-all-use-all-no-attn": dict(hierarchies=(1, 2), hierarchy_merge_all=True, predict_use_all_hierarchy=True,
+                                      window_sizes=(0, 2)),
+}
+
+
+@pytest.mark.parametrize("n", [3, 21])
+@pytest.mark.parametrize("case", CAUSAL_CASES)
+def test_strict_causality(case, n):
+    """Logits at t never change when any token after t changes."""
+    model = tiny(**CAUSAL_CASES[case]).eval()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, n), generator=gen)
+    with torch.no_grad():
+        base = model(ids)
+        assert base.shape == (2, n, VOCAB)
+        for t in range(n - 1):
+            changed = ids.clone()
+            changed[:, t + 1:] = torch.randint(0, VOCAB, (2, n - t - 1), generator=gen)
+            torch.testing.assert_close(model(changed)[:, : t + 1], base[:, : t + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_and_flags():
+    model = tiny(hierarchies=(1, 2, 4), window_sizes=(4, None, 2), hierarchical_stride=(1, 2, 2))
+    ids = torch.randint(0, VOCAB, (3, 17))
+    total, (ce, recon, hier_ar) = model(ids, return_loss=True)
+    assert total.ndim == 0 and all(t.ndim == 0 for t in (ce, recon, hier_ar))
+    torch.testing.assert_close(total, ce + 0.1 * recon + 0.25 * hier_ar)
+    assert recon > 0 and hier_ar > 0
+    total.backward()
+    assert model.token_emb.weight.grad is not None
+
+    token_embeds = model(ids, return_hierarchical_token_embeds=True)
+    assert [t.shape for t in token_embeds] == [(3, 17, 16), (3, 9, 16), (3, 9, 16)]
+    embeds = model(ids, return_hierarchical_embeds=True)
+    assert [t.shape for t in embeds] == [(3, 17, 16), (3, 9, 16), (3, 9, 16)]
+    ablated = model(ids, ablate_hierarchical_merge=True)
+    assert ablated.shape == (3, 17, VOCAB) and not torch.allclose(ablated, model(ids))
+
+
+def test_per_hierarchy_tuples():
+    model = tiny(hierarchies=(1, 2), dim=(16, 32), heads=(2, 4), dim_head=(8, 4), ff_mult=(2, 4))
+    assert model(torch.randint(0, VOCAB, (1, 9))).shape == (1, 9, VOCAB)
+    assert model.layers[0][1].ff.fc1.out_features == 128
+
+
+def test_ignore_index_skips_only_marked_targets():
+    model = HierarchicalTransformer(num_tokens=VOCAB, dim=16, depth=1, heads=2, dim_head=8, ignore_index=-1)
+    ids = torch.zeros(1, 9, dtype=torch.long)  # token 0 is a real token here
+    _, (ce, _, _) = model(ids, return_loss=True)
+    assert ce > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(hierarchies=(1, 3)), "hierarchies must be unique powers of two"),
+        (dict(hierarchies=(2, 2)), "hierarchies must be unique powers of two"),
+        (dict(hierarchies=(1, 2), hierarchical_stride=(1, 4)), "stride 4 of hierarchy 2"),
+        (dict(hierarchies=(1, 2), predict_hierarchy=2, hierarchical_stride=(1, 2)), "must be 1 unless hierarchy_merge_all"),
+        (dict(hierarchies=(1, 2), dim=(16, 16, 16)), "dim has 3 entries but there are 2 hierarchies"),
+        (dict(hierarchies=(1, 2), window_sizes=(4,)), "window_sizes has 1 entries"),
+        (dict(dim=15, heads=2), "dim=15 of hierarchy 1 must be a positive multiple of heads=2"),
+        (dict(predict_hierarchy=4), "predict_hierarchy must be one of"),
+        (dict(depth=0), "depth must be a positive int"),
+        (dict(window_sizes=-1), "window_size must be None"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kwargs)
+
+
+def test_invalid_inputs():
+    model = tiny()
+    with pytest.raises(ValueError, match="longer than seq_len=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 39\]"):
+        model(torch.tensor([[1, 40]]))
+    with pytest.raises(ValueError, match="got values from -2"):
+        model(torch.tensor([[-2, 1]]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        model(torch.rand(1, 4))
+
+
+def test_block_keeps_shape_and_is_causal():
+    torch.manual_seed(0)
+    for kwargs in (dict(), dict(window_size=3), dict(window_size=0), dict(compress_factor=4, stride=2)):
+        block = HierarchicalBlock(16, dim_head=8, heads=2, **kwargs).eval()
+        x = torch.randn(2, 11, 16)
+        out = block(x)
+        assert out.shape == x.shape
+        x2 = x.clone()
+        x2[:, 6:] = torch.randn(2, 5, 16)
+        torch.testing.assert_close(block(x2)[:, :6], out[:, :6])
+    with pytest.raises(ValueError, match="compress_factor must be a power of two"):
+        HierarchicalBlock(16, compress_factor=3)
+
+
+@pytest.mark.parametrize("n, window", [(32, 8), (37, 8), (5, 8), (9, 8), (64, 1)])
+def test_local_attention_matches_banded_full_attention_and_local_attention_package(n, window):
+    from local_attention import LocalAttention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16) for _ in range(3))
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    banded = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j >= i - window))
+    ours = local_attend(q, k, v, window)
+    torch.testing.assert_close(ours, banded, atol=1e-5, rtol=1e-5)
+    package = LocalAttention(window_size=window, causal=True, exact_windowsize=True, autopad=True,
+                             use_rotary_pos_emb=False)
+    torch.testing.assert_close(ours, package(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_generate_samples_and_restores_training_flag():
+    model = tiny(hierarchies=(1, 2), window_sizes=(4, None)).train()
+    prompt = torch.randint(0, VOCAB, (2, 5))
+    torch.manual_seed(3)
+    out = model.generate(prompt, 7, temperature=1.0, filter_thres=0.9)
+    assert out.shape == (2, 7) and out.dtype == prompt.dtype
+    assert 0 <= int(out.min()) and int(out.max()) < VOCAB
+    assert model.training
+    torch.manual_seed(3)
+    assert torch.equal(out, model.generate(prompt, 7))
+    greedy = model.generate(prompt[0], 70, temperature=0.0)  # longer than seq_len: uses a sliding context
+    assert greedy.shape == (70,)
+    with pytest.raises(ValueError, match="filter_thres"):
+        model.generate(prompt, 3, filter_thres=1.0)
+
+
+def test_loss_falls_on_real_text():
+    """A few dozen steps on real Python source bring the loss down a long way from uniform."""
+    data = torch.tensor(list(inspect.getsource(json.decoder).encode()), dtype=torch.long)
+    torch.manual_seed(0)
+    model = HierarchicalTransformer(num_tokens=256, dim=64, depth=2, seq_len=64, heads=2, dim_head=32,
+                                    hierarchies=(1, 2), window_sizes=(16, None), ignore_index=-1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(40):
+        starts = torch.randint(0, len(data) - 65, (8,), generator=gen)
+        batch = torch.stack([data[s : s + 65] for s in starts])
+        loss, (ce, _, _) = model(batch, return_loss=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(ce.item())
+    assert losses[0] > 4.5  # ~ln(256) at initialisation
+    assert sum(losses[-5:]) / 5 < 3.3
