@@ -17,7 +17,7 @@ def run_cli(tmp_path):
     """Run `python -m hiertrans ...` in a fresh temporary directory; returns the CompletedProcess."""
     import subprocess
 
-    def run(*args: str, timeout: float = 300, check: bool = True):
+    def run(*args: str, timeout: float = 900, check: bool = True):
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         proc = subprocess.run([sys.executable, "-m", "hiertrans", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,122 @@
+import inspect
+import json
+import math
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from datamodules import ByteTextDataModule
+from lit_modules import LanguageModel, ValidateAtEnd
+from lit_modules.optim import param_groups
+
+from conftest import read_scalars
+
+TINY = dict(dim=32, depth=1, seq_len=32, heads=2, dim_head=16, hierarchies=(1, 2), window_sizes=(8, None),
+            warmup_steps=2, sample_length=8)
+
+
+def corpus(tmp_path) -> str:
+    path = tmp_path / "corpus.txt"
+    path.write_text(inspect.getsource(json) * 2)
+    return str(path)
+
+
+def trainer(tmp_path, **kwargs) -> pl.Trainer:
+    args = dict(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                enable_model_summary=False, deterministic=True, max_epochs=-1)
+    return pl.Trainer(**{**args, **kwargs})
+
+
+def test_weight_decay_groups_skip_norms_biases_and_embeddings():
+    module = LanguageModel(**TINY)
+    decay, keep = param_groups(module.model, 0.1)
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in keep["params"]}
+    assert "token_emb.weight" in kept
+    assert any(n.endswith("norm.weight") for n in kept) and any(n.endswith(".bias") for n in kept)
+    assert all(p.ndim >= 2 for p in decay["params"]) and "to_logits.weight" in decayed
+
+
+def test_val_bpb_is_exact_over_the_whole_split(tmp_path):
+    data = ByteTextDataModule(corpus(tmp_path), seq_len=32, batch_size=5, val_fraction=0.05, test_fraction=0.05)
+    module = LanguageModel(**TINY)
+    (result,) = trainer(tmp_path).validate(module, datamodule=data, verbose=False)
+
+    val = data.data[data.train_bytes : data.train_bytes + data.val_bytes].long()
+    module.eval()
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for start in range(0, len(val) - 1, 32):
+            window = val[start : start + 33]
+            logits = module.model(window[None, :-1])
+            total += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
+            count += len(window) - 1
+    assert count == len(val) - 1  # every byte after the first is predicted exactly once
+    assert math.isclose(result["val/bpb"], total / count / math.log(2), rel_tol=1e-4)
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+    """Interrupted after 6 of 12 steps and resumed from its checkpoint, a run ends with the same
+    weights as one that was never interrupted."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class StopAt(pl.Callback):  # an interruption: the same run (same schedule), cut short
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.global_step >= 6
+
+    def run(root, ckpt_path=None, callbacks=()):
+        pl.seed_everything(0)
+        data = ByteTextDataModule(corpus(tmp_path), seq_len=32, batch_size=4, train_samples_per_epoch=12)
+        module = LanguageModel(**TINY)
+        saver = ModelCheckpoint(dirpath=root, every_n_train_steps=6, save_top_k=-1, filename="step{step}")
+        t = trainer(root, max_steps=12, limit_val_batches=0, callbacks=[saver, *callbacks])
+        t.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return t, module
+
+    t, _ = run(tmp_path / "a", callbacks=[StopAt()])
+    assert t.global_step == 6
+    (ckpt,) = (tmp_path / "a").glob("*.ckpt")
+    _, resumed = run(tmp_path / "b", ckpt_path=str(ckpt))
+    _, straight = run(tmp_path / "c")
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_fit_logs_losses_validates_at_the_end_and_samples(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    data = ByteTextDataModule(corpus(tmp_path), seq_len=32, batch_size=4, train_samples_per_epoch=400)
+    module = LanguageModel(**TINY)
+    logger = TensorBoardLogger(tmp_path, name="lm")
+    trainer(tmp_path, max_steps=5, logger=logger, log_every_n_steps=1, limit_val_batches=2,
+            callbacks=[ValidateAtEnd()]).fit(module, datamodule=data)
+    scalars = read_scalars(tmp_path / "lm")
+    for tag in ("train/loss", "train/ce", "train/recon", "train/hier_ar", "train/tokens_per_sec", "val/bpb"):
+        assert tag in scalars, tag
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (event_file,) = (tmp_path / "lm").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(event_file), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert any("val/sample" in tag for tag in acc.Tags()["tensors"])
+
+
+def test_cli_fit_writes_tensorboard_run_and_checkpoint(run_cli, tmp_path):
+    """The acceptance command, on the shipped config and the default corpus."""
+    run_cli("fit", "--config", "lm.yaml", "--trainer.max_steps=20", "--trainer.limit_val_batches=2")
+    scalars = read_scalars(tmp_path / "runs")
+    assert "train/loss" in scalars and "val/bpb" in scalars and "lr-AdamW" in scalars
+    assert scalars["train/loss"][-1] < scalars["train/loss"][0]
+    assert list((tmp_path / "runs").rglob("last.ckpt"))
+
+
+def test_cli_predict_generates_from_prompt(run_cli, tmp_path):
+    data = corpus(tmp_path)
+    run_cli("fit", "--config", "lm.yaml", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+            "--model.init_args.sample_length=4", f"--data.init_args.path={data}")
+    (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
+    proc = run_cli("predict", "--config", "lm.yaml", f"--ckpt_path={ckpt}", f"--data.init_args.path={data}",
+                   "--data.init_args.prompt=import json", "--model.init_args.sample_length=12")
+    assert "import json" in proc.stdout
