@@ -55,7 +55,10 @@ def main() -> None:
     parser.add_argument("--dim-head", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6, help="alternating measurement rounds")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile of ours")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     ours, reference, reference_used = build(args)
@@ -72,7 +75,8 @@ def main() -> None:
         compiled = build(args)[0].to(device)
         compiled.compile()
         contenders["ours+compile"] = compiled
-    steps = {name: train_step_fn(m, torch.optim.AdamW(m.parameters(), lr=1e-4), batch)
+    # the same optimiser for both (fused AdamW: one pass over the parameters)
+    steps = {name: train_step_fn(m, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True), batch)
              for name, m in contenders.items()}
     for step in steps.values():  # warm-up: allocator, kernels, compilation
         for _ in range(2):

@@ -61,10 +61,12 @@ def local_attend(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     pad = -n % window
     q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     blocks = (n + pad) // window
-    qb = rearrange(q, "b h (w n) d -> b h w n d", n=window)
-    k, v = (F.pad(t, (0, 0, window, 0)).unfold(2, 2 * window, window).transpose(-1, -2) for t in (k, v))
+    # blocks of queries against (previous block ++ own block) of keys; 4-D keeps SDPA on its fused kernel
+    qb = rearrange(q, "b h (w n) d -> (b h) w n d", n=window)
+    k, v = (rearrange(F.pad(t, (0, 0, window, 0)).unfold(2, 2 * window, window), "b h w d n -> (b h) w n d")
+            for t in (k, v))
     out = F.scaled_dot_product_attention(qb, k, v, attn_mask=_local_mask(window, blocks, q.device))
-    return rearrange(out, "b h w n d -> b h (w n) d")[:, :, :n]
+    return rearrange(out, "(b h) w n d -> b h (w n) d", h=q.shape[1])[:, :, :n]
 
 
 class Attention(nn.Module):

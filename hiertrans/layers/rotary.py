@@ -5,8 +5,9 @@ from torch import Tensor, nn
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoFormer) for `(..., n, dim_head)` queries and keys.
 
-    The cos/sin tables are cached per length, device and dtype, so a forward pass does not
-    rebuild them.
+    Feature pairs (2i, 2i+1) rotate by angle `pos * base^(-2i/dim_head)`, applied as one complex
+    multiply (a single fused pass, forward and backward). The rotation table is cached per length
+    and device.
     """
 
     def __init__(self, dim_head: int, base: float = 10000.0):
@@ -17,24 +18,19 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._cache: tuple | None = None
 
-    def tables(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        key = (n, device, dtype)
-        if self._cache is None or self._cache[0] != key:
-            t = torch.arange(n, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            freqs = torch.cat((freqs, freqs), dim=-1)
-            self._cache = (key, freqs.cos().to(dtype), freqs.sin().to(dtype))
-        return self._cache[1], self._cache[2]
+    def rotation(self, n: int, device: torch.device) -> Tensor:
+        """`(n, dim_head / 2)` complex unit rotations."""
+        if self._cache is None or self._cache[0] != (n, device):
+            angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), self.inv_freq.to(device))
+            self._cache = ((n, device), torch.polar(torch.ones_like(angles), angles))
+        return self._cache[1]
 
     def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        cos, sin = self.tables(q.shape[-2], q.device, q.dtype)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        rotation = self.rotation(q.shape[-2], q.device)
+        return apply_rotary(q, rotation), apply_rotary(k, rotation)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_half(x) * sin
+def apply_rotary(x: Tensor, rotation: Tensor) -> Tensor:
+    """Rotate feature pairs of `x (..., n, d)` by complex `rotation (n, d/2)`; computed in fp32."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
