@@ -1,13 +1,61 @@
-"""hiertrans: hierarchical transformers for text and images."""
+"""hiertrans: hierarchical transformers for text and images.
+
+Importing it registers the `hvit_*` presets with timm (`timm.create_model("hvit_small")`).
+"""
 
 from .layers import Attention, FeedForward, RMSNorm
 from .lm import HierarchicalBlock, HierarchicalTransformer
+from .metrics import calculate_metrics
+from .reduction import HierarchicalEncoder, HierarchyReduction1d, text_boundaries
+from .vit import (
+    PRESETS,
+    HierarchialViT,
+    HierarchicalStage,
+    HierarchicalViT,
+    MultiScaleAttention,
+    PatchEmbed,
+    SpatialReductionBlock,
+    create_model,
+)
+
+
+_LAZY = {  # heavy imports (matplotlib, Lightning Fabric) only when asked for
+    "visualize_attention": "visualize",
+    "attention_maps": "visualize",
+    "attention_figure": "visualize",
+    "HViTTrainer": "trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hiertrans' has no attribute {name!r}")
+
 
 __all__ = [
+    "PRESETS",
     "Attention",
     "FeedForward",
+    "HViTTrainer",
+    "HierarchialViT",
     "HierarchicalBlock",
+    "HierarchicalEncoder",
+    "HierarchicalStage",
     "HierarchicalTransformer",
+    "HierarchicalViT",
+    "HierarchyReduction1d",
+    "MultiScaleAttention",
+    "PatchEmbed",
     "RMSNorm",
+    "SpatialReductionBlock",
+    "attention_figure",
+    "attention_maps",
+    "calculate_metrics",
+    "create_model",
+    "text_boundaries",
+    "visualize_attention",
 ]
 __version__ = "0.1.0"

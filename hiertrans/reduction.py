@@ -148,9 +148,11 @@ class HierarchyReduction1d(nn.Module):
     Segments of many documents can be packed together: each segment is reduced on its own.
 
     Reducers:
-      "sum", "mean", "max"  vectorised (`index_add_`; `torch.segment_reduce` for max, which on CPU
-                            beats `index_reduce`/`scatter_reduce` whose backward is slow and
-                            memory-hungry); max gradients split evenly between ties.
+      "sum", "mean", "max"  vectorised: `index_add_` over a segment-id vector for sum and mean
+                            (forward ~8x faster than `torch.segment_reduce` on CPU here);
+                            `torch.segment_reduce` for max (its backward is several times faster
+                            and lighter than `index_reduce`'s or `scatter_reduce`'s). Max gradients
+                            split evenly between ties.
       "attention"           learned pooling: a per-token score (`Linear(dim, heads)`, a learned
                             query per head), softmax over each segment's tokens, weighted sum; needs
                             `dim=`. The query starts at zero, so pooling starts as the mean.

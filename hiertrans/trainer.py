@@ -16,8 +16,6 @@ trainer, `load_checkpoint`, N - K epochs. The shuffling order of epoch e is draw
 seeded with `seed + e`, and the global RNG states (dropout, augmentation) are checkpointed.
 """
 
-import functools
-import math
 import os
 import random
 import tempfile
@@ -28,31 +26,13 @@ import numpy as np
 import torch
 from lightning.fabric import Fabric
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from .optim import warmup_cosine, warmup_cosine_schedule  # noqa: F401  (warmup_cosine: public here too)
 
 PLAIN = (bool, int, float, str, type(None))
 _DROP = object()  # marks values plain_data leaves out
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1 over `warmup_steps`, then cosine down to `min_lr_ratio`
-    at `total_steps` (and flat after)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                           min_lr_ratio: float = 0.0) -> LambdaLR:
-    """`LambdaLR` with `warmup_cosine`, to be stepped once per optimizer step."""
-    if warmup_steps < 0 or total_steps < 1 or not 0 <= min_lr_ratio <= 1:
-        raise ValueError(f"need warmup_steps >= 0, total_steps >= 1 and 0 <= min_lr_ratio <= 1, got "
-                         f"{warmup_steps=}, {total_steps=}, {min_lr_ratio=}")
-    # a partial (not a lambda) so that LambdaLR.state_dict can save it
-    return LambdaLR(optimizer, functools.partial(warmup_cosine, warmup_steps=warmup_steps,
-                                                 total_steps=total_steps, min_lr_ratio=min_lr_ratio))
 
 
 def plain_data(value: Any) -> Any:

@@ -5,7 +5,9 @@ decay stepped per optimizer step, label-smoothed cross-entropy (soft targets und
 stochastic depth, optional EMA of the weights for evaluation. Logs `train/loss`, `train/acc`,
 `train/images_per_sec`, `{val,test}/{loss,acc,acc_top5,f1}` and, on rank zero at every validation,
 the attention maps of a fixed validation image (`val/attention`) to loggers that take figures.
-Predict writes `path,label,probability` rows to `predictions_path` (a CSV, written atomically).
+Predict writes `path,label,probability` rows to the datamodule's `predictions_path` (a CSV,
+written atomically; it is a data setting because LightningCLI restores the model's own
+hyperparameters from `--ckpt_path`, so they cannot be changed on the command line at predict time).
 """
 
 import csv
@@ -25,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from hiertrans.trainer import warmup_cosine_schedule
+from hiertrans.optim import param_groups, warmup_cosine_schedule
 from hiertrans.vit import PRESETS, HierarchialViT, create_model
 
 
@@ -49,23 +51,6 @@ def build_model(model_name: str, num_classes: int, img_size: int, in_chans: int 
         return timm.create_model(model_name, **common, **kwargs)
 
 
-def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: decay on weight matrices/kernels; none on 1-D parameters (norm
-    weights, biases) nor on what `model.no_weight_decay()` names (position embeddings, class token),
-    which are offsets whose magnitude carries meaning rather than overfitting capacity."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        # timm lists full names; some models list bare attribute names ("pos_embed"): match both
-        excluded = param.ndim <= 1 or name in skip or name.rsplit(".", 1)[-1] in skip
-        (no_decay if excluded else decay).append(param)
-    # "name" labels the groups in LearningRateMonitor (lr-AdamW/decay, lr-AdamW/no_decay)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-
-
 def ema_update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor | int,
                decay: float) -> None:
     """EMA with timm's warm-up: the decay rises as (1 + n) / (10 + n) up to `decay`, so early
@@ -81,7 +66,8 @@ def split_metrics(split: str, num_classes: int) -> MetricCollection:
                "f1": MulticlassF1Score(num_classes, average="macro")}
     if num_classes > 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    # no compute groups: with states shared between micro and macro metrics, Lightning logged a wrong F1
+    # no compute groups: torchmetrics merges metrics whose states match after the first batch, a
+    # heuristic that went wrong here (val/f1 logged as 1.0 next to val/acc 0.89); these are cheap anyway
     return MetricCollection(metrics, prefix=f"{split}/", compute_groups=False)
 
 
@@ -120,7 +106,6 @@ class ImageClassifier(LightningModule):
         ema_decay: keep an exponential moving average of the weights and evaluate with it (None: off).
         compile: `torch.compile` the training forward.
         log_attention_every_val: log the attention-map figure of the first validation image.
-        predictions_path: where `predict` writes its CSV (`path,label,probability`).
     """
 
     def __init__(
@@ -142,7 +127,6 @@ class ImageClassifier(LightningModule):
         ema_decay: float | None = None,
         compile: bool = False,
         log_attention_every_val: bool = True,
-        predictions_path: str = "predictions.csv",
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -178,7 +162,7 @@ class ImageClassifier(LightningModule):
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
-        return (self._compiled or self.model)(images)
+        return (self._compiled if self._compiled is not None else self.model)(images)
 
     def eval_model(self) -> nn.Module:
         """The network used for validation, test and predict: the EMA when enabled."""
@@ -214,7 +198,7 @@ class ImageClassifier(LightningModule):
     # --- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(weight_decay_groups(self.model, hp.weight_decay), lr=hp.lr,
+        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr,
                                       betas=tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches
         if total == float("inf"):
@@ -248,7 +232,7 @@ class ImageClassifier(LightningModule):
         logits = self(images)
         loss = self.loss(logits, targets)
         self.train_acc(logits.detach(), targets.argmax(-1) if targets.ndim == 2 else targets)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=images.shape[0])
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=images.shape[0])
         return loss
 
@@ -311,10 +295,13 @@ class ImageClassifier(LightningModule):
             rows = {k: v for shard in gathered for k, v in shard.items()}
         if not self.trainer.is_global_zero:
             return
+        out = getattr(getattr(self.trainer, "datamodule", None), "predictions_path", None)
+        if out is None:  # plain dataloaders: the probabilities returned by trainer.predict are all
+            return
         names = self.class_names or [str(i) for i in range(self.hparams.num_classes)]
         table = [[path, names[label], f"{conf:.6f}"] for path, (label, conf) in sorted(rows.items())]
-        write_csv_atomic(self.hparams.predictions_path, ["path", "label", "probability"], table)
-        rank_zero_info(f"wrote {len(table)} predictions to {os.path.abspath(self.hparams.predictions_path)}")
+        write_csv_atomic(out, ["path", "label", "probability"], table)
+        rank_zero_info(f"wrote {len(table)} predictions to {os.path.abspath(out)}")
 
 
 class TorchThreads(Callback):

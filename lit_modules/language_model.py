@@ -9,8 +9,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 
 from hiertrans import HierarchicalTransformer
-
-from .optim import param_groups, warmup_cosine
+from hiertrans.optim import param_groups, warmup_cosine_schedule
 
 # Marks positions without a target (padding of the last validation window): no byte takes it, so
 # the loss counts every real byte and bits per byte are exact.
@@ -146,6 +145,6 @@ class LanguageModel(LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        scheduler = warmup_cosine(optimizer, hp.warmup_steps, int(self.trainer.estimated_stepping_batches),
+        scheduler = warmup_cosine_schedule(optimizer, hp.warmup_steps, self.trainer.estimated_stepping_batches,
                                   hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

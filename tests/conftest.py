@@ -18,7 +18,7 @@ def run_cli(tmp_path):
     import subprocess
 
     def run(*args: str, timeout: float = 900, check: bool = True):
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run([sys.executable, "-m", "hiertrans", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:

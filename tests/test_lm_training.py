@@ -5,12 +5,11 @@ import math
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from conftest import read_scalars
 
 from datamodules import ByteTextDataModule
+from hiertrans.optim import param_groups
 from lit_modules import LanguageModel, ValidateAtEnd
-from lit_modules.optim import param_groups
-
-from conftest import read_scalars
 
 TINY = dict(dim=32, depth=1, seq_len=32, heads=2, dim_head=16, hierarchies=(1, 2), window_sizes=(8, None),
             warmup_steps=2, sample_length=8)

@@ -1,0 +1,218 @@
+"""ImageClassifier: weight-decay groups, learning, EMA, checks, predict CSV, and the vit.yaml CLI run."""
+
+import csv
+import shutil
+
+import pytest
+import torch
+from conftest import read_scalars
+from lightning.pytorch import Trainer
+from PIL import Image
+from torch import nn
+
+from datamodules.images import ImageDataModule
+from hiertrans.optim import param_groups as weight_decay_groups
+from lit_modules.classifier import ImageClassifier, build_model, ema_update
+
+TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 1, 1])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on shared cores run fastest on one thread (no OpenMP spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**kwargs) -> ImageClassifier:
+    return ImageClassifier(**{"model_kwargs": TINY, "num_classes": 3, "drop_path_rate": 0.0, **kwargs})
+
+
+def image_folder(root, per_class: int = 8, classes=("blue", "green", "red")):
+    """Solid-colour images, one colour per class (learnable in a few steps)."""
+    for c, name in enumerate(classes):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(per_class):
+            colour = [40 + 3 * i] * 3
+            colour[c % 3] = 250 - 3 * i - 50 * (c // 3)
+            Image.new("RGB", (10, 10), tuple(colour)).save(root / "train" / name / f"{i}.png")
+    return str(root)
+
+
+def trainer(**kwargs) -> Trainer:
+    return Trainer(**{"accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                      "enable_progress_bar": False, "enable_model_summary": False, **kwargs})
+
+
+def test_weight_decay_groups_exclude_norms_biases_pos_embeds():
+    model = tiny(model_kwargs={**TINY, "global_pool": "token"}).model  # with a class token
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = weight_decay_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decayed.isdisjoint(kept) and decayed | kept == set(names.values())
+    assert all(n.endswith(("pos_embed", "cls_token", ".bias")) or "norm" in n for n in kept)
+    assert any(n.endswith("pos_embed") for n in kept) and any(n.endswith("cls_token") for n in kept)
+    assert any("norm" in n for n in kept) and any(n.endswith(".bias") for n in kept)
+    assert all(p.ndim >= 2 for p in decay["params"]) and "head.weight" in decayed
+
+    class Bare(nn.Module):  # a model naming its no-decay parameters without their module path
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Module()
+            self.inner.pos_embed = nn.Parameter(torch.zeros(1, 4, 8))
+            self.proj = nn.Linear(8, 8)
+
+        def no_weight_decay(self):
+            return {"pos_embed"}
+
+    decay, no_decay = weight_decay_groups(Bare(), 0.1)
+    assert len(decay["params"]) == 1 and len(no_decay["params"]) == 2
+
+
+def test_a_few_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    module = tiny(label_smoothing=0.0)
+    images = torch.randn(24, 3, 32, 32)
+    targets = torch.arange(24) % 3
+    images[torch.arange(24), targets] += 2.0  # the class is the brightest channel
+    optimizer = torch.optim.AdamW(weight_decay_groups(module.model, 0.05), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = module.loss(module(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_soft_targets_match_hard_targets():
+    module = tiny(label_smoothing=0.1)
+    logits, targets = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    soft = torch.nn.functional.one_hot(targets, 3).float()
+    assert torch.allclose(module.loss(logits, targets), module.loss(logits, soft))
+
+
+def test_ema_update_warms_up():
+    ema, param = [torch.zeros(3)], [torch.ones(3)]
+    ema_update(ema, param, 0, decay=0.999)  # n = 0: decay min(0.999, 1/10)
+    assert torch.allclose(ema[0], torch.full((3,), 0.9))
+    ema_update(ema, param, 10_000, decay=0.5)
+    assert torch.allclose(ema[0], torch.full((3,), 0.95))
+
+
+def test_fit_with_ema_schedule_and_metrics(tmp_path):
+    torch.manual_seed(0)
+    dm = ImageDataModule(image_folder(tmp_path), img_size=32, batch_size=8, val_fraction=0.25)
+    module = tiny(ema_decay=0.9, warmup_steps=2, lr=1e-3, min_lr_ratio=0.1)
+    before = [p.detach().clone() for p in module.model.parameters()]
+    t = trainer(max_epochs=2)
+    t.fit(module, dm)  # 18 train images: 3 steps per epoch
+    assert t.global_step == 6 and int(module.ema.n_averaged) == 6
+    assert module.eval_model() is module.ema.module
+    assert not any(p.requires_grad for p in module.ema.parameters())
+    ema, live = list(module.ema.module.parameters()), list(module.model.parameters())
+    assert any(not torch.equal(e, p) for e, p in zip(ema, live))
+    assert any(not torch.equal(e, b) for e, b in zip(ema, before))
+    # warm-up over 2 steps, then cosine to 0.1 x lr at step 6
+    scheduler = t.lr_scheduler_configs[0].scheduler
+    assert t.lr_scheduler_configs[0].interval == "step"
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-4)
+    assert [scheduler.lr_lambdas[0](s) for s in (0, 1, 2)] == pytest.approx([0.5, 1.0, 1.0])
+    metrics = t.callback_metrics
+    assert {"val/loss", "val/acc", "val/f1", "train/acc"} <= metrics.keys()
+    assert "val/acc_top5" not in metrics  # only with more than 5 classes
+    assert module.class_names == ["blue", "green", "red"]
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    fresh = tiny()
+    fresh.on_load_checkpoint(checkpoint)
+    assert fresh.class_names == ["blue", "green", "red"]
+
+
+def test_num_classes_must_match_the_data(tmp_path):
+    dm = ImageDataModule(image_folder(tmp_path, per_class=2), img_size=32)
+    with pytest.raises(ValueError, match="num_classes=10 but the data has 3"):
+        trainer(max_steps=1).fit(tiny(num_classes=10), dm)
+
+
+def test_bad_hyperparameters_and_model_names():
+    with pytest.raises(ValueError, match="ema_decay"):
+        tiny(ema_decay=1.5)
+    with pytest.raises(ValueError, match="unknown model_name 'nope'"):
+        build_model("nope", 10, 32)
+    pvt = build_model("pvt_v2_b0", num_classes=10, img_size=32)  # timm, size-agnostic: no img_size
+    assert pvt(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_predict_writes_a_csv_of_class_names(tmp_path):
+    root = image_folder(tmp_path / "data", per_class=2)
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(tmp_path / "data" / "train" / "red", unlabelled / "nested")
+    out = tmp_path / "out" / "predictions.csv"
+    dm = ImageDataModule(root, img_size=32, batch_size=1, predict_root=str(unlabelled),
+                         predictions_path=str(out))
+    module = tiny()
+    probs = trainer().predict(module, dm)
+    assert len(probs) == 2 and probs[0].shape == (1, 3)
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == sorted(str(p) for p in (unlabelled / "nested").iterdir())
+    assert all(r["label"] in {"blue", "green", "red"} and 0 < float(r["probability"]) <= 1 for r in rows)
+    assert [p.name for p in out.parent.iterdir()] == ["predictions.csv"]  # no temporary file left
+
+
+def test_cli_fit_logs_scalars_figure_checkpoint_then_predicts(run_cli, tmp_path, monkeypatch):
+    """`python -m hiertrans fit --config vit.yaml` (20 steps), then `predict` with its checkpoint
+    (in-process through the same `hiertrans.cli.main`: a second subprocess costs ~15 s of imports)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_cli("fit", "--config", "vit.yaml", "--trainer.max_steps=20", "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false")
+    log_dir = tmp_path / "runs" / "vit" / "version_0"
+    scalars = read_scalars(log_dir)
+    assert {"train/loss", "val/acc", "val/acc_top5", "val/f1", "train/images_per_sec"} <= scalars.keys()
+    assert any(k.startswith("lr-AdamW") for k in scalars)
+    event_file = next(log_dir.glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(event_file), size_guidance={"images": 0})
+    acc.Reload()
+    assert "val/attention" in acc.Tags()["images"]
+    checkpoint = log_dir / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+
+    from datamodules.images import prepare_digits
+
+    images = tmp_path / "to_label"
+    shutil.copytree(prepare_digits() / "val" / "7", images)
+    from hiertrans.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main(["predict", "--config", "vit.yaml", "--ckpt_path", str(checkpoint),
+          "--data.init_args.predict_root", str(images), "--data.init_args.predictions_path", "labels.csv",
+          "--trainer.enable_progress_bar=false"])
+    with open(tmp_path / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(list(images.iterdir())) and {r["label"] for r in rows} <= set("0123456789")
+
+
+def test_cifar10_config_builds_model_and_data(tmp_path):
+    """vit_cifar10.yaml instantiated in-process (a subprocess would cost ~15 s of imports)."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    from hiertrans.cli import resolve_config
+
+    root = image_folder(tmp_path / "cifar", per_class=2, classes=[f"c{i}" for i in range(10)])
+    args = ["--config", resolve_config("vit_cifar10.yaml"), "--data.init_args.root", root,
+            "--trainer.logger=false", "--trainer.devices=1", "--data.init_args.num_workers=0"]
+    cli = LightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True,
+                       subclass_mode_data=True, auto_configure_optimizers=False, run=False, args=args)
+    assert isinstance(cli.model, ImageClassifier) and cli.model.hparams.model_name == "hvit_cifar"
+    assert cli.model.ema is not None and cli.datamodule.num_classes == 10
+    cli.datamodule.setup("fit")
+    x, y = next(iter(cli.datamodule.train_dataloader()))
+    assert x.shape == (10, 3, 32, 32) and y.shape == (10, 10)  # one image per class held out; mixup on
