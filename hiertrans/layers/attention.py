@@ -45,7 +45,7 @@ def _local_mask(window: int, blocks: int, device: torch.device) -> Tensor:
     j = torch.arange(2 * window, device=device)[None, :]
     mask = ((j >= i) & (j <= i + window)).expand(blocks, window, 2 * window).clone()
     mask[0, :, :window] = False
-    return mask
+    return mask[None]  # 4-D: SDPA's fused CPU kernel takes 4-D masks only (3-D falls back to math)
 
 
 def local_attend(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
