@@ -1,0 +1,45 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hiertrans.cli import resolve_config, shipped_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bare_config_names_resolve_to_shipped_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert {"lm.yaml", "vit.yaml", "vit_cifar10.yaml"} <= set(shipped_configs())
+    assert Path(resolve_config("lm.yaml")).is_file()
+    assert Path(resolve_config("vit")).name == "vit.yaml"
+    (tmp_path / "lm.yaml").write_text("seed_everything: 1\n")
+    assert resolve_config("lm.yaml") == "lm.yaml"  # a file in the working directory wins
+
+
+def test_help_and_print_config(run_cli):
+    assert "--config" in run_cli("fit", "--help").stdout
+    printed = run_cli("fit", "--config", "lm.yaml", "--print_config").stdout
+    assert "class_path: lit_modules.LanguageModel" in printed and "class_path: datamodules.ByteTextDataModule" in printed
+
+
+@pytest.mark.skipif(os.environ.get("HIERTRANS_SKIP_WHEEL_TEST") == "1", reason="HIERTRANS_SKIP_WHEEL_TEST=1")
+def test_non_editable_install_finds_its_configs_from_any_directory(tmp_path):
+    """Build the wheel, install it into a bare directory, run the CLI from elsewhere."""
+    wheels, target, cwd = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    cwd.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
+                    str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("hiertrans-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    proc = subprocess.run([sys.executable, "-m", "hiertrans", "fit", "--config", "vit.yaml", "--print_config"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "class_path: lit_modules.classifier.ImageClassifier" in proc.stdout
+    origin = subprocess.run([sys.executable, "-c", "import hiertrans; print(hiertrans.__file__)"], cwd=cwd, env=env,
+                            capture_output=True, text=True, check=True).stdout
+    assert origin.startswith(str(target))
