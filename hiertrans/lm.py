@@ -170,7 +170,8 @@ def top_k(logits: Tensor, thres: float = 0.9) -> Tensor:
 def gumbel_sample(logits: Tensor, temperature: float = 1.0) -> Tensor:
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    noise = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-20, 1.0)).clamp(min=1e-20))
+    uniform = torch.rand_like(logits).clamp(1e-20, 1.0)
+    noise = -torch.log((-torch.log(uniform)).clamp(min=1e-20))
     return (logits / temperature + noise).argmax(dim=-1)
 
 

@@ -159,6 +159,18 @@ def test_generate_samples_and_restores_training_flag():
         model.generate(prompt, 3, filter_thres=1.0)
 
 
+def test_sampling_follows_the_distribution():
+    from hiertrans.lm import gumbel_sample, top_k
+
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1, 0.0]]).clamp(min=1e-9)).expand(4000, 4)
+    counts = torch.bincount(gumbel_sample(logits, temperature=1.0), minlength=4) / 4000
+    torch.testing.assert_close(counts, torch.tensor([0.7, 0.2, 0.1, 0.0]), atol=0.03, rtol=0)
+    kept = top_k(torch.tensor([[3.0, 1.0, 2.0, 0.0]]), thres=0.5)  # keep the top half
+    assert torch.isinf(kept).tolist() == [[False, True, False, True]]
+    assert gumbel_sample(torch.tensor([[0.0, 5.0, 1.0]]), temperature=0.0).item() == 1
+
+
 def test_loss_falls_on_real_text():
     """A few dozen steps on real Python source bring the loss down a long way from uniform."""
     data = torch.tensor(list(inspect.getsource(json.decoder).encode()), dtype=torch.long)
