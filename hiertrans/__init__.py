@@ -3,6 +3,21 @@
 Importing it registers the `hvit_*` presets with timm (`timm.create_model("hvit_small")`).
 """
 
+from .hierarchical_configs import (
+    FEEDFORWARDS,
+    TOKEN_MIXERS,
+    BasicLayerConfig,
+    HierarchicalConfig,
+    MetaFormerBlock,
+    StageConfig,
+    build_hierarchical_model,
+    get_hierarchical_configuration,
+    metaformer_cifar_config,
+    poolformer_s12_config,
+    pvt_v2_b0_config,
+    register_feedforward,
+    register_token_mixer,
+)
 from .layers import Attention, FeedForward, RMSNorm
 from .lm import HierarchicalBlock, HierarchicalTransformer
 from .metrics import calculate_metrics
@@ -17,7 +32,6 @@ from .vit import (
     SpatialReductionBlock,
     create_model,
 )
-
 
 _LAZY = {  # heavy imports (matplotlib, Lightning Fabric) only when asked for
     "visualize_attention": "visualize",
@@ -36,7 +50,20 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "FEEDFORWARDS",
     "PRESETS",
+    "TOKEN_MIXERS",
+    "BasicLayerConfig",
+    "HierarchicalConfig",
+    "MetaFormerBlock",
+    "StageConfig",
+    "build_hierarchical_model",
+    "get_hierarchical_configuration",
+    "metaformer_cifar_config",
+    "poolformer_s12_config",
+    "pvt_v2_b0_config",
+    "register_feedforward",
+    "register_token_mixer",
     "Attention",
     "FeedForward",
     "HViTTrainer",

@@ -3,17 +3,42 @@
 Configs use subclass form (`model: {class_path, init_args}`, same for `data`), so any
 LightningModule/LightningDataModule of this project (or the user's) plugs in. A bare config name
 such as `lm.yaml` resolves to the configs shipped with the package.
+
+User errors (a bad config, a missing data path, an invalid hyperparameter, a corrupt image, ...)
+end with one short `hiertrans: error: ...` line on stderr and exit code 2, and a run that failed
+before it saved a checkpoint leaves no run directory behind. `--traceback` (or the environment
+variable `HIERTRANS_TRACEBACK=1`) re-raises instead, for debugging. Other exceptions are bugs and
+keep their traceback.
+
+`fit --ckpt_path last` resumes the newest `last.ckpt` of the configured logger's runs and keeps
+logging into that run's directory (Lightning alone would look in a fresh `version_N+1`).
 """
 
-import sys
-from pathlib import Path
+from __future__ import annotations
 
-from lightning.pytorch import LightningDataModule, LightningModule
+import os
+import re
+import shutil
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import ArgumentError
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 _HERE = Path(__file__).resolve().parent
 # installed: hiertrans/configs; source checkout or editable install: the repository's configs/
 CONFIG_DIRS = (_HERE / "configs", _HERE.parent / "configs")
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class UserError(Exception):
+    """A mistake in the command line, the config or the data: reported in one line, no traceback."""
 
 
 def shipped_configs() -> list[str]:
@@ -44,15 +69,240 @@ def resolve_config_args(args: list[str]) -> list[str]:
     return out
 
 
+def check_config_files(args: list[str]) -> None:
+    """Fail early, naming the shipped configs, when a `--config` file does not exist."""
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else None
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        if value is None:
+            continue
+        if not Path(value).is_file():
+            raise UserError(f"config file {value!r} not found; shipped configs: {', '.join(shipped_configs())}")
+        try:  # jsonargparse's YAML message does not say which file it was reading
+            yaml.safe_load(Path(value).read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UserError(f"config file {value!r} is not valid YAML{where}: {problem}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming with --ckpt_path last
+
+
+def _logger_run_root(logger_cfg: Any) -> tuple[Path, str] | None:
+    """(save_dir, name) of a single TensorBoard/CSV logger config, else None."""
+    init = getattr(logger_cfg, "init_args", None)
+    save_dir = getattr(init, "save_dir", None) if init is not None else None
+    if save_dir is None:
+        return None
+    return Path(str(save_dir)), str(getattr(init, "name", None) or "lightning_logs")
+
+
+def find_last_checkpoint(save_dir: Path, name: str) -> tuple[Path, int | str] | None:
+    """The newest `<save_dir>/<name>/<version>/checkpoints/last.ckpt` and its version (an int for version_N)."""
+    candidates = sorted((save_dir / name).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        return None
+    last = candidates[-1]
+    version_dir = last.parent.parent.name
+    match = re.fullmatch(r"version_(\d+)", version_dir)
+    return last, int(match.group(1)) if match else version_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI
+
+
+class _RunStarted(Callback):
+    """Marks the moment the loops start real work: a ValueError before it is a user error.
+
+    The sanity-check batches still count as start-up (a bad validation setup shows there first).
+    Predict is left out on purpose: a prompt error raises inside `predict_step`.
+    """
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def _start(self, trainer: Any, *args: Any) -> None:
+        self.started = self.started or not trainer.sanity_checking
+
+    on_train_batch_start = on_validation_batch_start = on_test_batch_start = _start
+
+
+class HiertransCLI(LightningCLI):
+    """LightningCLI plus: `--ckpt_path last` resumes the logger's newest run; early checks."""
+
+    current: HiertransCLI | None = None  # the CLI of this process, for main() when __init__ raises
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        if sub is None:
+            return
+        if "weights_only" in self.config[sub] and self.config[sub].weights_only is None:
+            # our checkpoints are plain data: never unpickle arbitrary objects (Lightning's None means
+            # torch's default for local files but False for remote ones); --weights_only=false opts out
+            self.config[sub].weights_only = True
+        if sub != "fit" or self.config[sub].get("ckpt_path") != "last":
+            return
+        logger_cfg = self.config[sub].trainer.get("logger")
+        root = _logger_run_root(logger_cfg)
+        found = find_last_checkpoint(*root) if root else None
+        if found is None:
+            # nothing to resume: start from scratch, as Lightning does (it warns)
+            return
+        ckpt, version = found
+        self.config[sub].ckpt_path = str(ckpt)
+        logger_cfg.init_args.version = version  # keep logging into the interrupted run's directory
+        print(f"hiertrans: resuming from {ckpt}", file=sys.stderr)
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        HiertransCLI.current = self
+        self.run_started = _RunStarted()
+        self.trainer.callbacks.append(self.run_started)
+        if self.subcommand == "fit":
+            from lit_modules.callbacks import SaveOnSigterm, StopOnNonFiniteLoss
+
+            # nothing lost on pre-emption, nothing saved from a NaN: on for every fit, whatever the config
+            for kind in (SaveOnSigterm, StopOnNonFiniteLoss):
+                if not any(isinstance(cb, kind) for cb in self.trainer.callbacks):
+                    self.trainer.callbacks.append(kind())
+        self.new_paths = self._paths_this_run_may_create()
+        if self.subcommand == "predict":
+            self._check_prompt()
+
+    def _paths_this_run_may_create(self) -> list[Path]:
+        """Log/checkpoint directories that do not exist yet (and their missing parents)."""
+        dirs = []
+        for logger in self.trainer.loggers:
+            log_dir = getattr(logger, "log_dir", None)  # TensorBoard: computes the next version number
+            if log_dir:
+                dirs.append(Path(log_dir))
+        for cb in self.trainer.checkpoint_callbacks:
+            if getattr(cb, "dirpath", None):
+                dirs.append(Path(cb.dirpath))
+        missing = []
+        for d in dirs:
+            d = d.absolute()
+            while not d.exists() and d != d.parent:
+                missing.append(d)
+                d = d.parent
+        return missing
+
+    def remove_partial_run(self) -> None:
+        """Delete directories this failed run created, unless a checkpoint was saved into them."""
+        for d in sorted(set(getattr(self, "new_paths", [])), key=lambda p: len(p.parts)):
+            if d.is_dir() and not any(d.rglob("*.ckpt")):
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _check_prompt(self) -> None:
+        prompt, seq_len = getattr(self.datamodule, "prompt", None), getattr(self.model, "model", None)
+        seq_len = getattr(seq_len, "seq_len", None)
+        if isinstance(prompt, str) and seq_len is not None and len(prompt.encode("utf-8")) > seq_len:
+            raise UserError(f"data.init_args.prompt is {len(prompt.encode('utf-8'))} bytes, longer than the "
+                            f"model's seq_len={seq_len}")
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """jsonargparse wraps a constructor's ValueError in 'Does not validate against any of the Union
+    subtypes'; the original is its __cause__."""
+    while exc.__cause__ is not None and isinstance(exc.__cause__, Exception):
+        exc = exc.__cause__
+    return exc
+
+
+# jsonargparse's noise: the whole parsed value and the Union alternatives that did not apply
+_NOISE = ("Given value", "Subtypes:", "- Expected a <class 'NoneType'>")
+
+
+def _argument_error_message(message: str) -> str:
+    """`model.init_args.depth: Expected a <class 'int'>. Got value: abc` from jsonargparse's nested report."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    skip = _NOISE + ("Parser key", "Does not validate against", "Errors:", "- Problem with given class_path")
+    lines = [ln.strip().lstrip("- ") for ln in message.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    detail = "; ".join(dict.fromkeys(lines)) or message.strip()
+    if len(keys) > 1 and keys[0] in ("model", "data"):
+        keys = [keys[0], "init_args", *keys[1:]]
+    return f"{'.'.join(keys)}: {detail}" if keys else detail
+
+
+def _short(message: str, max_lines: int = 4) -> str:
+    lines = [ln for ln in message.strip().splitlines() if ln.strip() and not ln.lstrip().startswith(_NOISE)]
+    return "\n  ".join(lines[:max_lines]) or "(no message)"
+
+
+USER_ERRORS = (UserError, ArgumentError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
+               IsADirectoryError, PermissionError, MisconfigurationException)
+
+
+def _is_user_error(exc: BaseException, cli: HiertransCLI | None) -> bool:
+    if isinstance(exc, UserError | ArgumentError):
+        return True
+    from datamodules.images import CorruptImageError  # a data problem wherever it surfaces
+
+    if isinstance(exc, CorruptImageError):
+        return True
+    started = cli is not None and getattr(getattr(cli, "run_started", None), "started", False)
+    return isinstance(exc, USER_ERRORS) and not started
+
+
+def run(args: list[str]) -> HiertransCLI:
+    check_config_files(args)
+    # jsonargparse raises instead of printing its 50-line usage: main() prints one line
+    parser_kwargs: dict[str, Any] = {"exit_on_error": False, **{s: {"exit_on_error": False} for s in SUBCOMMANDS}}
+    with warnings.catch_warnings():
+        # we pass args= on purpose (resolved config names), not by mistake
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+        return HiertransCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            # the modules build their own optimizers (weight-decay groups, warm-up + cosine)
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs=parser_kwargs,
+            args=args,
+        )
+
+
 def main(args: list[str] | None = None) -> None:
-    args = resolve_config_args(sys.argv[1:] if args is None else args)
-    LightningCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        # the modules build their own optimizers (weight-decay groups, warm-up + cosine)
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    args = list(sys.argv[1:] if args is None else args)
+    debug = "--traceback" in args or os.environ.get("HIERTRANS_TRACEBACK", "") not in ("", "0")
+    args = resolve_config_args([a for a in args if a != "--traceback"])
+    HiertransCLI.current = None
+    try:
+        run(args)
+    except SIGTERMException:
+        # SaveOnSigterm wrote last.ckpt; 128 + SIGTERM is the exit status schedulers expect
+        print("hiertrans: stopped by SIGTERM; continue with --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    except Exception as exc:  # sorted into user errors and bugs below
+        cli = HiertransCLI.current
+        from lit_modules.callbacks import NonFiniteLossError
+
+        if isinstance(exc, NonFiniteLossError):
+            if debug:
+                raise
+            print(f"hiertrans: error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        if not _is_user_error(exc, cli):
+            raise
+        if cli is not None:
+            cli.remove_partial_run()
+        if debug:
+            raise
+        cause = exc if isinstance(exc, UserError) else _root_cause(exc)
+        message = _argument_error_message(str(exc)) if isinstance(exc, ArgumentError) else _short(str(cause))
+        where = re.search(r"class_path='([\w.]+)'", str(exc))
+        if where and where.group(1) not in message:
+            message = f"{where.group(1)}: {message}"
+        if isinstance(cause, ArgumentError | UserError) or isinstance(exc, ArgumentError):
+            sub = next((a for a in args if a in SUBCOMMANDS), "fit")
+            message += f"\n  (python -m hiertrans {sub} --help lists every option)"
+        print(f"hiertrans: error: {message}", file=sys.stderr)
+        sys.exit(2)

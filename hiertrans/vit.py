@@ -11,9 +11,10 @@ einops notation: b batch, n tokens, m key/value tokens, c channels, h/w map heig
 heads attention heads, d head dim.
 """
 
+import functools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 IntOrPair = int | Sequence[int]
+BlockFactory = Callable[[float], nn.Module]  # drop-path rate -> block with forward(x, height, width)
 
 
 def to_pair(value: IntOrPair, name: str) -> tuple[int, int]:
@@ -224,10 +226,16 @@ def check_stage_geometry(
 class HierarchicalStage(nn.Module):
     """One PVT stage: `(b, in_chans, H, W) -> (tokens (b, prefix + h*w, dim), (h, w))`.
 
-    `downsample` (a `PatchEmbed`, kernel = stride = `patch_size`) embeds the input map, a learned
-    `pos_embed` (sized for an `input_size` input, resized bilinearly otherwise) is added, then
-    `depth` blocks run. With `cls_token=True` a class token is prepended (prefix = 1); it gets its
-    own position embedding, as in PVT v1.
+    `downsample` (a `PatchEmbed`: kernel `patch_size`, stride `patch_stride` (default: the kernel,
+    non-overlapping), `patch_padding`) embeds the input map, a learned `pos_embed` (sized for an
+    `input_size` input, resized bilinearly otherwise; `pos_embed=False`: none, for models whose
+    mixers or convs carry position) is added, then `depth` blocks run. With `cls_token=True` a class
+    token is prepended (prefix = 1); it gets its own position embedding, as in PVT v1.
+
+    `out_norm` (optional) normalises the stage's output tokens (PVT v2).
+    `block_fn(drop_path) -> block` builds each block (any module with `forward(x, height, width)`,
+    e.g. the config-built `MetaFormerBlock`); by default a `SpatialReductionBlock` from `num_heads`,
+    `mlp_ratio` and `sr_ratio`. `sr_ratio` is also what the geometry check holds the grid to.
     """
 
     def __init__(
@@ -250,6 +258,9 @@ class HierarchicalStage(nn.Module):
         cls_token: bool = False,
         norm_eps: float = 1e-6,
         index: int = 0,
+        pos_embed: bool = True,
+        block_fn: BlockFactory | None = None,
+        out_norm: nn.Module | None = None,
     ):
         super().__init__()
         if depth < 1:
@@ -264,17 +275,21 @@ class HierarchicalStage(nn.Module):
         check_stage_geometry(index, self.input_size, self.grid_size, sr_ratio)
         self.num_prefix_tokens = int(cls_token)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + math.prod(self.grid_size), dim))
+        self.pos_embed = (nn.Parameter(torch.zeros(1, self.num_prefix_tokens + math.prod(self.grid_size), dim))
+                          if pos_embed else None)
         self.pos_drop = nn.Dropout(drop_rate)
-        self.blocks = nn.ModuleList(
-            SpatialReductionBlock(dim, num_heads, mlp_ratio, sr_ratio, qkv_bias, drop_rate, attn_drop_rate,
-                                  rate, norm_eps)
-            for rate in rates
-        )
+        if block_fn is None:
+            def block_fn(rate: float) -> nn.Module:
+                return SpatialReductionBlock(dim, num_heads, mlp_ratio, sr_ratio, qkv_bias, drop_rate,
+                                             attn_drop_rate, rate, norm_eps)
+        self.blocks = nn.ModuleList(block_fn(rate) for rate in rates)
+        self.norm = out_norm  # PVT v2 norms each stage's output tokens before the next stage
         self.grad_checkpointing = False
 
     def resized_pos_embed(self, h: int, w: int) -> Tensor:
         """Position embeddings for an `h x w` grid: bilinear resize of the learned grid, prefix kept."""
+        if self.pos_embed is None:
+            raise ValueError(f"stage {self.index} has no learned position embedding (pos_embed=False)")
         if (h, w) == self.grid_size:
             return self.pos_embed
         p = self.num_prefix_tokens
@@ -290,12 +305,16 @@ class HierarchicalStage(nn.Module):
         x, (h, w) = self.downsample(x)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        x = self.pos_drop(x + self.resized_pos_embed(h, w))
+        if self.pos_embed is not None:
+            x = x + self.resized_pos_embed(h, w)
+        x = self.pos_drop(x)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, h, w, use_reentrant=False)
             else:
                 x = block(x, h, w)
+        if self.norm is not None:
+            x = self.norm(x)
         return x, (h, w)
 
 
@@ -308,6 +327,14 @@ class HierarchialViT(nn.Module):
     `"token"` reads a class token added in the last stage, `"avg"` averages the last stage's patch
     tokens. `img_size` sizes the position embeddings; other input sizes (non-square too) work by
     interpolating them.
+
+    Beyond PVT v1 (used by `from_config` for config-built hierarchies, see
+    `hiertrans.hierarchical_configs`): `patch_stride` / `patch_padding` per stage give overlapping
+    patch embeddings (PVT v2, PoolFormer: kernel 7 stride 4 padding 2-3, then 3/2/1), and all
+    geometry then follows `conv_out`; `pos_embed=False` (one flag or one per stage) drops the learned
+    position embeddings; `block_fn(stage_index, drop_path) -> block` replaces the spatial-reduction
+    blocks; `norm_layer(dim)` replaces the final LayerNorm; `stage_norm_layer(stage_index, dim)` adds a norm
+    to the output of every stage but the last (PVT v2; the last one has the final norm).
 
     Shapes: `forward_features -> (b, prefix + h4*w4, embed_dims[-1])` (final-normed tokens),
     `forward_head -> (b, num_classes)` (or `(b, num_features)` with `pre_logits=True`),
@@ -331,6 +358,13 @@ class HierarchialViT(nn.Module):
         drop_path_rate: float = 0.0,
         global_pool: str = "token",
         norm_eps: float = 1e-6,
+        *,
+        patch_stride: Sequence[int] | None = None,
+        patch_padding: Sequence[int] | None = None,
+        pos_embed: bool | Sequence[bool] = True,
+        block_fn: Callable[[int, float], nn.Module] | None = None,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        stage_norm_layer: Callable[[int, int], nn.Module] | None = None,
     ):
         super().__init__()
         if global_pool not in ("token", "avg"):
@@ -340,8 +374,12 @@ class HierarchialViT(nn.Module):
             raise ValueError("embed_dims must name at least one stage")
         if isinstance(patch_size, int):
             patch_size = (patch_size,) + (2,) * (num_stages - 1)
+        patch_stride = tuple(patch_size) if patch_stride is None else tuple(patch_stride)
+        patch_padding = (0,) * num_stages if patch_padding is None else tuple(patch_padding)
+        pos_embed = (pos_embed,) * num_stages if isinstance(pos_embed, bool) else tuple(pos_embed)
         per_stage = dict(num_heads=num_heads, mlp_ratios=mlp_ratios, depths=depths, sr_ratios=sr_ratios,
-                         patch_size=patch_size)
+                         patch_size=patch_size, patch_stride=patch_stride, patch_padding=patch_padding,
+                         pos_embed=pos_embed)
         for name, values in per_stage.items():
             if len(values) != num_stages:
                 raise ValueError(f"{name} has {len(values)} entries but embed_dims defines {num_stages} "
@@ -363,9 +401,8 @@ class HierarchialViT(nn.Module):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.num_prefix_tokens = int(global_pool == "token")
         self.patch_sizes, self.sr_ratios = tuple(patch_size), tuple(sr_ratios)
-        # every stage needs an input side of sr * (product of the patch sizes up to it)
-        self.min_input_size = max(max(1, sr) * math.prod(self.patch_sizes[: i + 1])
-                                  for i, sr in enumerate(self.sr_ratios))
+        self.patch_strides, self.patch_paddings = patch_stride, patch_padding
+        self.min_input_size = self._min_input_size()
         self._check_geometry(self.img_size, at_init=True)
 
         rates = linear_drop_path_rates(drop_path_rate, sum(depths))
@@ -375,37 +412,61 @@ class HierarchialViT(nn.Module):
         for i in range(num_stages):
             stage = HierarchicalStage(
                 embed_dims[i], num_heads[i], mlp_ratios[i], depths[i], sr_ratios[i],
-                in_chans=chans, patch_size=patch_size[i], input_size=size, qkv_bias=qkv_bias,
+                in_chans=chans, patch_size=patch_size[i], patch_stride=patch_stride[i],
+                patch_padding=patch_padding[i], input_size=size, qkv_bias=qkv_bias,
                 drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                 drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
                 cls_token=self.num_prefix_tokens > 0 and i == num_stages - 1, norm_eps=norm_eps, index=i,
+                pos_embed=pos_embed[i], block_fn=None if block_fn is None else functools.partial(block_fn, i),
+                # the last stage's output goes through the model's final norm instead
+                out_norm=stage_norm_layer(i, embed_dims[i]) if stage_norm_layer and i < num_stages - 1 else None,
             )
             self.stages.append(stage)
-            size, chans, reduction = stage.grid_size, embed_dims[i], reduction * patch_size[i]
+            size, chans, reduction = stage.grid_size, embed_dims[i], reduction * patch_stride[i]
             self.feature_info.append(dict(num_chs=chans, reduction=reduction, module=f"stages.{i}"))
-        self.norm = make_norm("layernorm", self.num_features, eps=norm_eps)
+        self.norm = (make_norm("layernorm", self.num_features, eps=norm_eps) if norm_layer is None
+                     else norm_layer(self.num_features))
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
         for stage in self.stages:
-            nn.init.trunc_normal_(stage.pos_embed, std=0.02)
+            if stage.pos_embed is not None:
+                nn.init.trunc_normal_(stage.pos_embed, std=0.02)
             if stage.cls_token is not None:
                 nn.init.trunc_normal_(stage.cls_token, std=0.02)
 
     def _stage_grids(self, size: tuple[int, int]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-        """`(input map size, token grid)` of each stage for a `size` input (non-overlapping patches)."""
+        """`(input map size, token grid)` of each stage for a `size` input (`conv_out` of each patch
+        embedding: kernel `patch_size`, `patch_stride`, `patch_padding`)."""
         out = []
-        for p in self.patch_sizes:
-            grid = (size[0] // p, size[1] // p)
+        for k, st, p in zip(self.patch_sizes, self.patch_strides, self.patch_paddings):
+            grid = (conv_out(size[0], k, st, p), conv_out(size[1], k, st, p))
             out.append((size, grid))
+            if min(grid) < 1:  # the map vanished: later stages have nothing to work on
+                break
             size = grid
         return out
+
+    def _min_input_size(self) -> int:
+        """The smallest input side for which every stage's grid side is >= max(1, its sr_ratio).
+
+        Walked back from the last stage: a stage whose grid must be >= `need` needs an input side
+        >= (need - 1) * stride + kernel - 2 * padding (and >= 1). With non-overlapping patches
+        this is max over stages of sr * (product of the patch sizes up to it), as in PVT v1.
+        """
+        need = 1
+        for k, st, p, sr in reversed(list(zip(self.patch_sizes, self.patch_strides, self.patch_paddings,
+                                              self.sr_ratios))):
+            need = max(need, sr, 1)
+            need = max(1, (need - 1) * st + k - 2 * p)
+        return need
 
     def _check_geometry(self, size: tuple[int, int], at_init: bool = False) -> None:
         """Raise a ValueError naming the stage if any stage's map vanishes or is smaller than its
         sr_ratio; at construction also warn about stages reduced to a single key/value token."""
         grids = self._stage_grids(size)
-        if all(min(g) >= max(1, sr) for (_, g), sr in zip(grids, self.sr_ratios)):
+        if len(grids) == len(self.sr_ratios) and all(min(g) >= max(1, sr) for (_, g), sr in
+                                                      zip(grids, self.sr_ratios)):
             for i, ((_, g), sr) in enumerate(zip(grids, self.sr_ratios)):
                 if at_init and sr > 1 and (g[0] // sr) * (g[1] // sr) == 1:
                     warnings.warn(f"stage {i}: sr_ratio {sr} reduces its {g[0]}x{g[1]} feature map to a "
@@ -414,13 +475,33 @@ class HierarchialViT(nn.Module):
                                   f"patch_size", stacklevel=3)
             return
         what = "img_size" if at_init else "input"
+        overlapping = self.patch_strides != self.patch_sizes or any(self.patch_paddings)
         context = (f"({what} {size[0]}x{size[1]}, patch sizes {self.patch_sizes}, "
-                   f"sr_ratios {self.sr_ratios})")
+                   + (f"strides {self.patch_strides}, paddings {self.patch_paddings}, " if overlapping else "")
+                   + f"sr_ratios {self.sr_ratios})")
         hint = (f"{context}: use an img_size with both sides >= {self.min_input_size}, a smaller "
                 f"patch_size, or smaller sr_ratios."
                 if at_init else f"{context}: inputs need both sides >= {self.min_input_size}.")
         for i, ((in_size, grid), sr) in enumerate(zip(grids, self.sr_ratios)):
             check_stage_geometry(i, in_size, grid, sr, hint)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        num_classes: int = 1000,
+        img_size: IntOrPair | None = None,
+        in_chans: int | None = None,
+        **kwargs: Any,
+    ) -> "HierarchialViT":
+        """A model from a hierarchy config (`hiertrans.hierarchical_configs`): a `HierarchicalConfig`,
+        its dict/YAML form, or a list of `BasicLayerConfig`s. `img_size` defaults to the one implied
+        by stage 0's `seq_len`; every stage's `seq_len` is checked against it. Other keywords
+        (`drop_path_rate`, `drop_rate`, ...) go to `build_hierarchical_model`."""
+        from .hierarchical_configs import build_hierarchical_model  # imports this module
+
+        return build_hierarchical_model(config, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
+                                        **kwargs)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -439,8 +520,8 @@ class HierarchialViT(nn.Module):
         return self.stages[0].downsample
 
     @property
-    def pos_embed(self) -> nn.Parameter:
-        """The first stage's position embedding."""
+    def pos_embed(self) -> nn.Parameter | None:
+        """The first stage's position embedding (None when built with `pos_embed=False`)."""
         return self.stages[0].pos_embed
 
     # --- timm model contract --------------------------------------------------------------------
@@ -459,7 +540,7 @@ class HierarchialViT(nn.Module):
             stem=stem,
             blocks=[
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^stages\.(\d+)\.(?:downsample|pos_embed|cls_token)", (0,)),
+                (r"^stages\.(\d+)\.(?:downsample|pos_embed|cls_token|norm)", (0,)),
                 (r"^norm", (99999,)),
             ],
         )

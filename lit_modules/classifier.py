@@ -28,14 +28,19 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from hiertrans.optim import param_groups, warmup_cosine_schedule
-from hiertrans.vit import PRESETS, HierarchialViT, create_model
+from hiertrans.vit import PRESETS, HierarchialViT, MultiScaleAttention, create_model
 
 
 def build_model(model_name: str, num_classes: int, img_size: int, in_chans: int = 3,
-                drop_path_rate: float = 0.0, drop_rate: float = 0.0, **kwargs: Any) -> nn.Module:
-    """A hiertrans preset (`hvit_*`, through `hiertrans.vit.create_model`) or any timm model name."""
+                drop_path_rate: float = 0.0, drop_rate: float = 0.0, hierarchy: dict[str, Any] | None = None,
+                **kwargs: Any) -> nn.Module:
+    """A hiertrans preset (`hvit_*`, through `hiertrans.vit.create_model`), any timm model name, or,
+    when `hierarchy` is given, a model built from that hierarchy config (`model_name` is then only a
+    label; see `hiertrans.hierarchical_configs`)."""
     common = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate,
                   drop_rate=drop_rate)
+    if hierarchy is not None:
+        return HierarchialViT.from_config(hierarchy, img_size=img_size, **common, **kwargs)
     if model_name in PRESETS:
         return create_model(model_name, img_size=img_size, **common, **kwargs)
     import timm
@@ -94,6 +99,10 @@ class ImageClassifier(LightningModule):
 
     Args:
         model_name: a hiertrans preset (`hvit_cifar`, `hvit_tiny`, ...) or any timm model name.
+        hierarchy: build the model from this hierarchy config instead (the dict form of
+            `hiertrans.hierarchical_configs.HierarchicalConfig`: `stages: [...]`, or the short form
+            `layers: [BasicLayerConfig fields]` + `get_hierarchical_configuration` keywords);
+            `model_name` is then only a label.
         num_classes, img_size, in_chans: the data's; `num_classes` is checked against the
             datamodule's in `setup()`.
         drop_path_rate, drop_rate: stochastic depth (rising linearly over the blocks) and dropout.
@@ -127,6 +136,7 @@ class ImageClassifier(LightningModule):
         ema_decay: float | None = None,
         compile: bool = False,
         log_attention_every_val: bool = True,
+        hierarchy: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -144,7 +154,7 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"ema_decay must be in (0, 1) or None (off), got {ema_decay!r}")
         self.save_hyperparameters()
         self.model = build_model(model_name, num_classes, img_size, in_chans, drop_path_rate, drop_rate,
-                                 **(model_kwargs or {}))
+                                 hierarchy=hierarchy, **(model_kwargs or {}))
         self.ema: AveragedModel | None = None
         if ema_decay is not None:
             self.ema = AveragedModel(self.model, multi_avg_fn=functools.partial(ema_update, decay=ema_decay),
@@ -259,8 +269,10 @@ class ImageClassifier(LightningModule):
                 or self._fixed_image is None or not self.trainer.is_global_zero):
             return
         net = self.eval_model()
-        if not isinstance(getattr(net, "_orig_mod", net), HierarchialViT):
-            return  # timm models have no attention maps to show
+        net = getattr(net, "_orig_mod", net)
+        if not isinstance(net, HierarchialViT) or not all(
+                isinstance(getattr(stage.blocks[-1], "attn", None), MultiScaleAttention) for stage in net.stages):
+            return  # timm models, and config-built ones with pooling/windowed mixers, have no maps to show
         writers = [lg.experiment for lg in self.loggers
                    if callable(getattr(getattr(lg, "experiment", None), "add_figure", None))]
         if not writers:

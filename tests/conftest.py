@@ -22,7 +22,8 @@ def run_cli(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "hiertrans", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
+            raise AssertionError(
+                f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
         return proc
 
     return run

@@ -22,7 +22,8 @@ def test_bare_config_names_resolve_to_shipped_configs(tmp_path, monkeypatch):
 def test_help_and_print_config(run_cli):
     assert "--config" in run_cli("fit", "--help").stdout
     printed = run_cli("fit", "--config", "lm.yaml", "--print_config").stdout
-    assert "class_path: lit_modules.LanguageModel" in printed and "class_path: datamodules.ByteTextDataModule" in printed
+    assert "class_path: lit_modules.LanguageModel" in printed
+    assert "class_path: datamodules.ByteTextDataModule" in printed
 
 
 @pytest.mark.skipif(os.environ.get("HIERTRANS_SKIP_WHEEL_TEST") == "1", reason="HIERTRANS_SKIP_WHEEL_TEST=1")
