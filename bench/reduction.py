@@ -102,8 +102,9 @@ def measure(case: Case, methods: dict, rounds: int, device, warmup: bool = True)
     times: dict[str, list[float]] = {name: [] for name in methods}
     for fn in methods.values() if warmup else ():
         fn()
-    for _ in range(rounds):
-        for name, fn in methods.items():
+    order = list(methods.items())
+    for r in range(rounds):  # rotate the order, so no method always runs right after the same one
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:
             times[name].append(timed(fn, device))
     case.x.grad = None
     return {name: statistics.median(t) for name, t in times.items()}
@@ -184,11 +185,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1_000_000)
     parser.add_argument("--segments", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds for the fast methods")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds for the fast methods")
     parser.add_argument("--slow-rounds", type=int, default=3, help="rounds for the seed and the loops")
     parser.add_argument("--loop-subsets", type=int, nargs=2, default=(2_500, 5_000),
                         help="token counts (same mean segment length) for (b) fwd+bwd, quadratic")
-    parser.add_argument("--split-subsets", type=int, nargs=2, default=(25_000, 50_000),
+    parser.add_argument("--split-subsets", type=int, nargs=2, default=(50_000, 100_000),
                         help="token counts for (b') fwd+bwd, quadratic as well")
     parser.add_argument("--threads", type=int, default=1,
                         help="1 by default: the 2 cores here are shared, and a second thread mostly waits")
