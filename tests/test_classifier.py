@@ -17,14 +17,6 @@ from lit_modules.classifier import ImageClassifier, build_model, ema_update
 TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 1, 1])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores run fastest on one thread (no OpenMP spin-waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(**kwargs) -> ImageClassifier:
     return ImageClassifier(**{"model_kwargs": TINY, "num_classes": 3, "drop_path_rate": 0.0, **kwargs})

@@ -12,13 +12,6 @@ TINY = dict(embed_dims=(8, 16, 16, 16), num_heads=(1, 1, 1, 1), mlp_ratios=(2, 2
             num_classes=3, drop_path_rate=0.2, drop_rate=0.1)  # dropouts: resumption must replay the RNG
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def data(n: int = 40, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)

@@ -22,14 +22,6 @@ TINY = dict(img_size=32, patch_size=4, embed_dims=(16, 32, 48, 64), num_heads=(1
             mlp_ratios=(2, 2, 2, 2), depths=(1, 1, 2, 1), sr_ratios=(2, 1, 1, 1), num_classes=5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these models are tiny: on 2 shared cores a second intra-op thread mostly waits for the first
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(**overrides) -> HierarchialViT:
     torch.manual_seed(0)
