@@ -23,6 +23,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.transforms import v2
 
+from .text import ShardSampler
+
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 DIGITS_CLASSES = [str(d) for d in range(10)]
 DIGITS_VAL_SIZE = 360  # of 1,797: 1,437 train / 360 val, stratified, fixed seed
@@ -404,8 +406,11 @@ class ImageDataModule(LightningDataModule):
         collate = None
         if train and (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
             collate = MixupCutmixCollate(self.num_classes, self.mixup_alpha, self.cutmix_alpha)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, num_workers=self.num_workers,
-                          collate_fn=collate, persistent_workers=self.num_workers > 0,
+        # val/test/predict: every image exactly once over DDP ranks (Lightning's DistributedSampler pads
+        # by repeating images, which would bias accuracy and duplicate predictions)
+        sampler = None if train else ShardSampler(dataset)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:

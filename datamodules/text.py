@@ -184,17 +184,27 @@ class EpochSampler(Sampler):
     Lightning calls `set_epoch` at every epoch start (through the `DistributedSamplerWrapper` it
     puts around this sampler under DDP, too). Carrying the epoch in the index, rather than setting
     it on the dataset, reaches worker processes, persistent or not, without shared state.
+
+    Mid-epoch resume: Lightning 2.x restarts a map-style loader at the beginning of the epoch but
+    expects only the epoch's remaining batches. With `start=k` the first pass over `epoch` begins
+    at item k and puts the k items already trained on at the end, where the shortened epoch never
+    reaches them. Rotating instead of dropping keeps `len()` (and so Lightning's batch count) and,
+    under DDP, keeps every rank's shard exactly where it left off (rank r took items r, r + W, ...).
     """
 
-    def __init__(self, num_samples: int, epoch: int = 0):
+    def __init__(self, num_samples: int, epoch: int = 0, start: int = 0):
         self.num_samples, self.epoch = num_samples, epoch
+        # a start at or past the end means the epoch was finished: nothing to skip
+        self.start, self.start_epoch = (start if 0 <= start < num_samples else 0), epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch  # fixed for the whole pass
-        return ((epoch, i) for i in range(self.num_samples))
+        start = self.start if epoch == self.start_epoch else 0
+        order = [*range(start, self.num_samples), *range(start)]
+        return ((epoch, i) for i in order)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -357,8 +367,15 @@ class ByteTextDataModule(LightningDataModule):
         self._require_setup()
         # Lightning calls set_epoch at each epoch start; starting from the trainer's epoch also
         # covers the first epoch after resuming from a checkpoint (the iterator exists before that call)
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return self._loader(self.train_set, EpochSampler(len(self.train_set), epoch))
+        epoch, start = 0, 0
+        if self.trainer is not None:
+            epoch = self.trainer.current_epoch
+            # batches of this epoch already trained on when resuming mid-epoch (0 otherwise); `processed`
+            # because ModelCheckpoint saves in on_train_batch_end, before the batch counts as `completed`
+            epoch_loop = getattr(getattr(self.trainer, "fit_loop", None), "epoch_loop", None)
+            done = epoch_loop.batch_progress.current.processed if epoch_loop is not None else 0
+            start = done * self.batch_size * getattr(self.trainer, "world_size", 1)
+        return self._loader(self.train_set, EpochSampler(len(self.train_set), epoch, start))
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()

@@ -1,0 +1,206 @@
+"""Faults lose nothing: a run killed (SIGTERM or SIGKILL) and restarted with `--ckpt_path last` ends
+with the weights of a run that was never interrupted, data order included (the random crops resume
+mid-epoch, they do not restart); a non-finite loss stops training before it touches the weights or a
+checkpoint; checkpoints load with `weights_only=True`.
+
+The three CLI runs of each round (reference, SIGTERM, SIGKILL) run concurrently to save wall time.
+"""
+
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import ROOT
+
+TESTS = Path(__file__).resolve().parent
+STEPS, EVERY, PAUSE_AT = 12, 3, 5  # 4 batches per epoch: the periodic checkpoint at step 3 is mid-epoch
+
+ARGS = ["--model.init_args.dim=32", "--model.init_args.depth=1", "--model.init_args.heads=2",
+        "--model.init_args.dim_head=16", "--model.init_args.seq_len=32", "--model.init_args.warmup_steps=2",
+        "--data.init_args.seq_len=32", "--data.init_args.batch_size=4", "--data.init_args.path=corpus.txt",
+        "--data.init_args.val_fraction=0.05", "--data.init_args.test_fraction=0.05",
+        "--data.init_args.train_samples_per_epoch=16", f"--trainer.max_steps={STEPS}", "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.deterministic=true"]
+
+
+class PauseAt(pl.Callback):
+    """Test helper: at `step`, write `marker` and wait (for a signal) so the test can interrupt the run
+    at a known point. Sleeps in short slices: Python resumes an interrupted sleep after a handler runs."""
+
+    def __init__(self, step: int, marker: str, timeout: float = 120.0) -> None:
+        self.step, self.marker, self.timeout = step, marker, timeout
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args) -> None:
+        marker = Path(f"{self.marker}.{trainer.global_rank}")  # one per rank: under DDP every rank waits
+        if trainer.global_step != self.step or marker.exists():
+            return
+        marker.write_text(str(trainer.global_step))
+        deadline = time.monotonic() + self.timeout
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class SigtermSelfAt(pl.Callback):
+    """Test helper: the run sends itself SIGTERM at `step` (in-process, like `kill <pid>` from outside)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def callbacks_yaml(extra: str = "") -> str:
+    checkpoint = f"{{every_n_train_steps: {EVERY}, save_last: true, save_top_k: -1, filename: '{{step}}'}}"
+    lines = ["trainer:", "  callbacks:", "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint",
+             f"      init_args: {checkpoint}"]
+    if extra == "pause":
+        lines += ["    - class_path: test_faults.PauseAt", f"      init_args: {{step: {PAUSE_AT}, marker: paused}}"]
+    elif extra == "sigterm":
+        lines += ["    - class_path: test_faults.SigtermSelfAt", f"      init_args: {{step: {PAUSE_AT}}}"]
+    return "\n".join(lines) + "\n"
+
+
+def prepare(d: Path) -> Path:
+    (d / "corpus.txt").write_text(inspect.getsource(json) * 2)
+    for extra in ("", "pause", "sigterm"):
+        (d / f"callbacks_{extra or 'plain'}.yaml").write_text(callbacks_yaml(extra))
+    return d
+
+
+def start(cwd: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "hiertrans", "fit", "--config", "lm.yaml", *args], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, expect: int = 0, timeout: float = 300) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect})\n{out[-2000:]}\n{err[-3000:]}"
+    return err
+
+
+def in_process(cwd: Path, *args: str) -> int:
+    """`python -m hiertrans fit ...` in this process (no import cost), one thread like the subprocesses
+    (a different thread count may change float summation order); returns the exit code."""
+    from hiertrans.cli import main
+
+    threads, here = torch.get_num_threads(), Path.cwd()
+    torch.set_num_threads(1)
+    os.chdir(cwd)
+    try:
+        main(["fit", "--config", "lm.yaml", *args])
+        return 0
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+
+
+def last_ckpt(run_dir: Path) -> dict:
+    return torch.load(run_dir / "runs/lm/version_0/checkpoints/last.ckpt", weights_only=True)  # plain data only
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before pausing:\n{proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "run never reached the pause"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """reference: never interrupted (in-process, while the SIGKILL run starts up);
+    sigkill: a `python -m hiertrans` process killed at step PAUSE_AT, then resumed with --ckpt_path last;
+    sigterm: in-process run that receives SIGTERM at step PAUSE_AT, then resumed with --ckpt_path last."""
+    dirs = {name: prepare(tmp_path_factory.mktemp(name)) for name in ("reference", "sigterm", "sigkill")}
+    killed = start(dirs["sigkill"], "--config", "callbacks_pause.yaml", *ARGS)
+    assert in_process(dirs["reference"], "--config", "callbacks_plain.yaml", *ARGS) == 0
+
+    assert in_process(dirs["sigterm"], "--config", "callbacks_sigterm.yaml", *ARGS) == 128 + signal.SIGTERM
+    # SIGTERM: last.ckpt written right after the step in flight
+    assert last_ckpt(dirs["sigterm"])["global_step"] == PAUSE_AT + 1
+    assert in_process(dirs["sigterm"], "--config", "callbacks_plain.yaml", *ARGS, "--ckpt_path", "last") == 0
+
+    wait_for(dirs["sigkill"] / "paused.0", killed)
+    killed.send_signal(signal.SIGKILL)
+    finish(killed, expect=-signal.SIGKILL)
+    # SIGKILL: only the last periodic checkpoint survives (mid-epoch: 4 batches per epoch)
+    assert last_ckpt(dirs["sigkill"])["global_step"] == (PAUSE_AT // EVERY) * EVERY
+    resumed = start(dirs["sigkill"], "--config", "callbacks_plain.yaml", *ARGS, "--ckpt_path", "last")
+    assert "resuming from" in finish(resumed)
+    return dirs
+
+
+@pytest.mark.parametrize("name", ["sigterm", "sigkill"])
+def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(runs, name):
+    reference, resumed = last_ckpt(runs["reference"]), last_ckpt(runs[name])
+    assert reference["global_step"] == resumed["global_step"] == STEPS
+    reference, resumed = reference["state_dict"], resumed["state_dict"]
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0, msg=key)
+    # the resumed run logs into the interrupted run's directory, not a new version_1
+    assert [p.name for p in (runs[name] / "runs/lm").iterdir()] == ["version_0"]
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    import lit_modules.language_model as lm
+    from hiertrans.cli import main
+
+    original = lm.LanguageModel.training_step
+
+    def poisoned(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if self.global_step == 4 else loss
+
+    monkeypatch.setattr(lm.LanguageModel, "training_step", poisoned)
+    monkeypatch.chdir(tmp_path)
+    prepare(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", "lm.yaml", "--config", "callbacks_plain.yaml", *ARGS])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "non-finite loss (nan) at step 4" in err and "Traceback" not in err
+    checkpoints = tmp_path / "runs/lm/version_0/checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3 and sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step=3.ckpt"]
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+
+
+def test_classifier_checkpoints_load_with_weights_only(tmp_path):
+    """`class_names` and the hyperparameters are plain data: no pickled objects in our checkpoints."""
+    from lit_modules import ImageClassifier
+
+    module = ImageClassifier(num_classes=2, model_kwargs=dict(embed_dims=[8, 8, 8, 8], num_heads=[1, 1, 1, 1],
+                                                              depths=[1, 1, 1, 1], sr_ratios=[1, 1, 1, 1]))
+    module.class_names = ["cat", "dog"]
+    trainer = pl.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    ckpt = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    assert ckpt["class_names"] == ["cat", "dog"] and ckpt["hyper_parameters"]["num_classes"] == 2
+    restored = ImageClassifier.load_from_checkpoint(tmp_path / "c.ckpt", weights_only=True)
+    assert restored.class_names == ["cat", "dog"]
+
+
+def test_epoch_sampler_resumes_mid_epoch_by_rotating():
+    from datamodules.text import EpochSampler
+
+    sampler = EpochSampler(6, epoch=2, start=4)  # 4 crops of epoch 2 already trained on
+    assert [i for _, i in sampler] == [4, 5, 0, 1, 2, 3] and len(sampler) == 6
+    sampler.set_epoch(3)  # the next epoch starts from its beginning
+    assert list(sampler) == [(3, i) for i in range(6)]
+    assert [i for _, i in EpochSampler(6, start=6)] == list(range(6))  # a finished epoch skips nothing
