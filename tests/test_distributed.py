@@ -144,3 +144,24 @@ def test_image_evaluation_shards_every_image_once_and_accuracy_is_exact():
     rank0, rank1 = (accuracy(Subset(val, shard)) for shard in shards)
     rank0.merge_state(rank1)  # what the DDP sync does with the two ranks' states
     assert torch.equal(rank0.compute(), one)
+
+
+def test_vit_ddp_fit_and_two_process_accuracy_equals_one_process(tmp_path):
+    """The image task on 2 processes through the CLI: one run, and its synchronised val/acc is the
+    accuracy a single process measures on the same weights (every validation image seen once)."""
+    import lightning.pytorch as pl
+
+    from datamodules import ImageDataModule
+    from lit_modules import ImageClassifier
+
+    cli(tmp_path, "fit", "--config", "vit.yaml", "--trainer.accelerator=cpu", "--trainer.devices=2",
+        "--trainer.strategy=ddp", "--trainer.max_steps=3", "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false", "--model.init_args.log_attention_every_val=false")
+    (run,) = (tmp_path / "runs" / "vit").iterdir()
+    two = read_scalars(run)["val/acc"][-1]
+    module = ImageClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)
+    data = ImageDataModule(root=None, batch_size=64)
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    (one,) = trainer.validate(module, datamodule=data, verbose=False)
+    assert math.isclose(one["val/acc"], two, abs_tol=1e-6), (one["val/acc"], two)
