@@ -14,7 +14,6 @@ import csv
 import functools
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from hiertrans.optim import param_groups, warmup_cosine_schedule
 from hiertrans.vit import PRESETS, HierarchialViT, MultiScaleAttention, create_model
+
+from .throughput import StepRate
 
 
 def build_model(model_name: str, num_classes: int, img_size: int, in_chans: int = 3,
@@ -167,7 +168,7 @@ class ImageClassifier(LightningModule):
         self.test_metrics = split_metrics("test", num_classes)
         self.class_names: list[str] | None = None
         self._fixed_image: Tensor | None = None
-        self._last_step_time: float | None = None
+        self.step_rate = StepRate()
         self._predictions: list[tuple[list[str], Tensor, Tensor]] = []
 
     # --- forward --------------------------------------------------------------------------------
@@ -230,15 +231,13 @@ class ImageClassifier(LightningModule):
 
     # --- loops ----------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
-        self._last_step_time = None  # the gap across validation/epoch boundaries is not throughput
+        self.step_rate.reset()  # the gap across validation/epoch boundaries is not throughput
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets = batch
-        now = time.perf_counter()
-        if self._last_step_time is not None:  # one full iteration: data, forward, backward, step
-            rate = images.shape[0] * self.trainer.world_size / (now - self._last_step_time)
+        rate = self.step_rate(images.shape[0] * self.trainer.world_size)
+        if rate is not None:
             self.log("train/images_per_sec", rate, on_step=True, on_epoch=False, rank_zero_only=True)
-        self._last_step_time = now
         logits = self(images)
         loss = self.loss(logits, targets)
         self.train_acc(logits.detach(), targets.argmax(-1) if targets.ndim == 2 else targets)

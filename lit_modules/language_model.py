@@ -1,7 +1,6 @@
 """Byte-level language modelling with `HierarchicalTransformer`."""
 
 import math
-import time
 
 import torch
 from lightning.pytorch import LightningModule
@@ -10,6 +9,8 @@ from torchmetrics import MeanMetric
 
 from hiertrans import HierarchicalTransformer
 from hiertrans.optim import param_groups, warmup_cosine_schedule
+
+from .throughput import StepRate
 
 # Marks positions without a target (padding of the last validation window): no byte takes it, so
 # the loss counts every real byte and bits per byte are exact.
@@ -65,7 +66,7 @@ class LanguageModel(LightningModule):
             ignore_index=IGNORE_INDEX,
         )
         self.val_bpb, self.test_bpb = MeanMetric(), MeanMetric()
-        self._last_step_time: float | None = None
+        self.step_rate = StepRate()
 
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -89,14 +90,13 @@ class LanguageModel(LightningModule):
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/recon": recon, "train/hier_ar": hier_ar},
                       prog_bar=False)
         self.log("train/bpb", ce / math.log(2), prog_bar=True)
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            self.log("train/tokens_per_sec", batch[:, 1:].numel() / (now - self._last_step_time))
-        self._last_step_time = now
+        rate = self.step_rate(batch[:, 1:].numel() * self.trainer.world_size)
+        if rate is not None:
+            self.log("train/tokens_per_sec", rate, rank_zero_only=True)
         return loss
 
     def on_train_epoch_start(self) -> None:
-        self._last_step_time = None  # validation time is not training throughput
+        self.step_rate.reset()  # validation time is not training throughput
 
     def _eval_step(self, batch: torch.Tensor, split: str, bpb: MeanMetric) -> None:
         (loss, (ce, _, _)), labels = self._loss(batch)
@@ -114,7 +114,7 @@ class LanguageModel(LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self._log_sample()
-        self._last_step_time = None
+        self.step_rate.reset()
 
     @rank_zero_only
     def _log_sample(self) -> None:
