@@ -1,17 +1,21 @@
 """CIFAR-10 at equal wall clock: our hvit_cifar vs timm's pvt_v2_b0, same recipe, same budget.
 
-    python bench/vit_cifar10.py                   # 30 minutes of training per model
+    python bench/vit_cifar10.py                   # 30 minutes of training, both models at once
     python bench/vit_cifar10.py --minutes 1       # a smoke run
 
 Data: `../shared/data/cifar10-train.tar.gz` (50,000 JPEGs), unpacked once into the hiertrans cache
 (`$HIERTRANS_CACHE`, never the repository); 45,000 train / 5,000 validation images, carved by the
-datamodule (stratified, seed 0). Each model trains for `--minutes` of wall clock (Lightning's
-`max_time`), with the LR warm-up + cosine schedule laid over that wall-clock budget rather than a
-step count, so each model ends its schedule exactly when its time is up however fast it runs.
-Then both are validated on the same 5,000 images (not counted in the budget). Recipe: AdamW lr 2e-3,
-weight decay 0.05 (not on norms/biases/position embeddings), batch 128, label smoothing 0.1, stochastic
-depth 0.1, random-resized crops (50-100%) and flips; no RandAugment/mixup, which pay off only over
-hundreds of epochs. The machine is shared: images seen is part of the result.
+datamodule (stratified, seed 0) and decoded once into memory (`in_memory=True`: crops, flips and
+normalisation run per batch, so JPEG decoding does not eat the training budget). The models train
+at the same time, each in its own process with one thread, so they share the machine and whatever
+else it is doing equally (`--sequential` runs them one after the other instead). Each model
+trains for `--minutes` of wall clock (Lightning's `max_time`), with the LR warm-up + cosine schedule
+laid over that wall-clock budget rather than a step count, so each model ends its schedule exactly
+when its time is up however fast it runs. Then both are validated on the same 5,000 images (not
+counted in the budget). Recipe: AdamW lr 2e-3, weight decay 0.05 (not on norms/biases/position
+embeddings), batch 128, label smoothing 0.1, stochastic depth 0.1, random-resized crops (50-100%)
+and flips; no RandAugment/mixup, which pay off only over
+hundreds of epochs. Images seen is part of the result.
 """
 
 import argparse
@@ -19,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -111,7 +116,7 @@ class Budget(Callback):
 
 def run(model_name: str, root: Path, args) -> dict:
     seed_everything(0, verbose=False)
-    data = ImageDataModule(str(root), img_size=32, batch_size=args.batch_size, num_workers=args.workers,
+    data = ImageDataModule(str(root), img_size=32, batch_size=args.batch_size, num_workers=0, in_memory=True,
                            val_fraction=0.1, seed=0, random_resized_crop=True, crop_scale=(0.5, 1.0),
                            hflip=True, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
     module = ImageClassifier(model_name=model_name, num_classes=10, img_size=32, drop_path_rate=0.1, lr=2e-3,
@@ -136,6 +141,24 @@ def run(model_name: str, root: Path, args) -> dict:
             "val_loss": round(metrics["val/loss"], 4), "val_f1": round(metrics["val/f1"], 4)}
 
 
+def run_concurrently(root: Path, args) -> list[dict]:
+    """One subprocess per model, all started together; their JSON results, in `args.models` order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = []
+        for name in args.models:
+            out = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, __file__, "--models", name, "--json", str(out), "--data", str(args.data),
+                   "--minutes", str(args.minutes), "--batch-size", str(args.batch_size),
+                   "--threads", str(args.threads), "--child"]
+            jobs.append((subprocess.Popen(cmd), out))
+        for job, _ in jobs:
+            job.wait()
+        failed = [name for name, (job, _) in zip(args.models, jobs) if job.returncode != 0]
+        if failed:
+            raise SystemExit(f"training failed for {failed}")
+        return [json.loads(out.read_text())[0] for _, out in jobs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,23 +166,29 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["hvit_cifar", "pvt_v2_b0"])
     parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE, help="cifar10-train.tar.gz")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=1, help="data loader processes (JPEG decoding)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads; on a busy 2-core machine 1 is much faster than 2")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per model")
+    parser.add_argument("--sequential", action="store_true", help="train the models one after the other")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one model of a concurrent run
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = unpack_once(args.data)
-    results = [run(name, root, args) for name in args.models]
-    print(f"\nCIFAR-10, 45k train / 5k val, {args.minutes:g} min of training each, batch {args.batch_size}, "
-          f"{args.threads} thread(s)")
+    if len(args.models) == 1 or args.sequential:
+        results = [run(name, root, args) for name in args.models]
+    else:
+        results = run_concurrently(root, args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.child:
+        return
+    how = "one after the other" if args.sequential else "at the same time"
+    print(f"\nCIFAR-10, 45k train / 5k val, {args.minutes:g} min of training each ({how}), "
+          f"batch {args.batch_size}, {args.threads} thread(s) per model")
     print(f"{'model':<12} {'params':>8} {'images seen':>12} {'epochs':>7} {'img/s':>7} {'val acc':>8} "
           f"{'val loss':>9}")
     for r in results:
         print(f"{r['model']:<12} {r['params_M']:>7.2f}M {r['images_seen']:>12,} {r['epochs']:>7.2f} "
               f"{r['images_per_sec']:>7.1f} {r['val_acc']:>8.4f} {r['val_loss']:>9.4f}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ no download), written once as such a folder into a cache directory, so the defau
 through exactly the code path a user's data does.
 """
 
+import math
 import os
 import shutil
 import tempfile
@@ -17,9 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.transforms import v2
 
@@ -278,6 +281,62 @@ class MixupCutmixCollate:
         return self.mix(*default_collate(batch))
 
 
+def random_resized_crop_flip(images: Tensor, scale: tuple[float, float] = (0.35, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> Tensor:
+    """A random resized crop (and horizontal flip) per image of a batch, in one `grid_sample`.
+
+    `images (B, C, H, W)` float -> same shape. Crops follow torchvision's `RandomResizedCrop`
+    (area fraction uniform in `scale`, log-uniform aspect `ratio`), with sub-pixel positions and
+    crop sides clamped to the image instead of torchvision's rejection sampling; bilinear
+    resampling. Runs on the batch's device with the global RNG.
+    """
+    b, device = images.shape[0], images.device
+    area = torch.empty(b, device=device).uniform_(*scale)
+    log_ratio = torch.empty(b, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    width = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop sides as fractions of the image
+    height = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    centre_x = (torch.rand(b, device=device) * 2 - 1) * (1 - width)  # in [-1, 1], crop inside image
+    centre_y = (torch.rand(b, device=device) * 2 - 1) * (1 - height)
+    flip = torch.where(torch.rand(b, device=device) < 0.5, -1.0, 1.0) if hflip else torch.ones(b, device=device)
+    theta = torch.zeros(b, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_hflip(images: Tensor) -> Tensor:
+    """Flip each image of `images (B, C, H, W)` left-right with probability 1/2."""
+    flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
+    return torch.where(flip, images.flip(-1), images)
+
+
+class InMemoryImages(Dataset):
+    """A labelled image data set decoded once into one uint8 tensor: items `(image (3, S, S) uint8,
+    target)`. `decode` resizes each image's short side to `img_size` and centre-crops it, so images of
+    any size fit; memory is `len(dataset) * 3 * img_size**2` bytes (147 MB for CIFAR-10 at 32 px)."""
+
+    def __init__(self, images: Tensor, targets: Tensor, classes: list[str]) -> None:
+        self.images, self.targets, self.classes = images, targets, classes
+
+    @classmethod
+    def decode(cls, dataset: Dataset, img_size: int) -> "InMemoryImages":
+        to_tensor = v2.Compose([v2.ToImage(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
+        images = torch.empty(len(dataset), 3, img_size, img_size, dtype=torch.uint8)
+        targets = torch.empty(len(dataset), dtype=torch.long)
+        for i in range(len(dataset)):
+            image, targets[i] = dataset[i]
+            images[i] = to_tensor(image)
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        return cls(images, targets, list(base.classes))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.targets[index]
+
+
 # ----------------------------------------------------------------------------- datamodule
 
 
@@ -295,6 +354,12 @@ class ImageDataModule(LightningDataModule):
 
     `num_classes` and `classes` are known right after `__init__` (the class folders are listed
     there), so configs and modules can check them before any data is loaded.
+
+    `in_memory=True` is for small-image data sets (CIFAR, the digits): every split is decoded once
+    into a uint8 tensor (`InMemoryImages`) and the loader only indexes it, while crops, flips,
+    normalisation and mixup/cutmix run on whole batches on the training device
+    (`on_after_batch_transfer`). No JPEG decoding or per-image transforms per epoch, so no loader
+    workers are needed; RandAugment and random erasing are per-image and need `in_memory=False`.
     """
 
     in_chans = 3  # HViTDataset converts every image to RGB
@@ -323,6 +388,7 @@ class ImageDataModule(LightningDataModule):
         cutmix_alpha: float = 0.0,
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        in_memory: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("img_size", img_size), ("batch_size", batch_size)):
@@ -341,7 +407,11 @@ class ImageDataModule(LightningDataModule):
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {value!r}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values (RGB) and std > 0, got mean={mean!r} std={std!r}")
+        if in_memory and (randaugment or random_erasing > 0):
+            raise ValueError("in_memory=True augments whole batches on the device and supports random_resized_crop, "
+                             "hflip, mixup and cutmix; randaugment and random_erasing need in_memory=False")
         self.save_hyperparameters()
+        self.in_memory = in_memory
         self.root, self.img_size, self.batch_size, self.num_workers = root, img_size, batch_size, num_workers
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         self.predict_root, self.predictions_path = predict_root, predictions_path
@@ -380,7 +450,9 @@ class ImageDataModule(LightningDataModule):
                 rank_zero_info("test_split is None: testing on the validation split")
                 self.test_dataset = self.val_dataset
             else:
-                self.test_dataset = self._split(self.test_split, eval_tf)
+                self.test_dataset = self._split(self.test_split, None if self.in_memory else eval_tf)
+                if self.in_memory:
+                    self.test_dataset = InMemoryImages.decode(self.test_dataset, self.img_size)
 
     def _split(self, split: str, transform) -> HViTDataset:
         dataset = HViTDataset(self.data_root, transform, split, skip_corrupt=self.skip_corrupt)
@@ -390,7 +462,12 @@ class ImageDataModule(LightningDataModule):
         return dataset
 
     def _train_val(self, eval_tf) -> tuple[Dataset, Dataset]:
-        train_tf = train_transform(self.img_size, mean=self.mean, std=self.std, **self.augment)
+        if self.in_memory:  # PIL images from the folders, decoded once; augmented per batch on the device
+            train, val = self._folders(None, None)
+            return InMemoryImages.decode(train, self.img_size), InMemoryImages.decode(val, self.img_size)
+        return self._folders(train_transform(self.img_size, mean=self.mean, std=self.std, **self.augment), eval_tf)
+
+    def _folders(self, train_tf, eval_tf) -> tuple[Dataset, Dataset]:
         train = self._split(self.train_split, train_tf)
         if self.val_split is not None and (self.data_root / self.val_split).is_dir():
             return train, self._split(self.val_split, eval_tf)
@@ -402,9 +479,27 @@ class ImageDataModule(LightningDataModule):
                        f"(val_fraction={self.val_fraction}, stratified, seed={self.seed})")
         return Subset(train, train_idx), Subset(val, val_idx)
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """With `in_memory`: uint8 batches -> float, augmented (training only) and normalised."""
+        if not self.in_memory or self.trainer is None or self.trainer.predicting:
+            return batch
+        images, targets = batch
+        images = images.float() / 255
+        if self.trainer.training:
+            if self.augment["random_resized_crop"]:
+                images = random_resized_crop_flip(images, self.augment["crop_scale"], hflip=self.augment["hflip"])
+            elif self.augment["hflip"]:
+                images = random_hflip(images)
+        mean, std = (torch.tensor(v, device=images.device).view(-1, 1, 1) for v in (self.mean, self.std))
+        images = (images - mean) / std
+        if self.trainer.training and (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
+            images, targets = MixupCutmixCollate(self.num_classes, self.mixup_alpha, self.cutmix_alpha).mix(
+                images, targets)
+        return images, targets
+
     def _loader(self, dataset: Dataset, train: bool = False) -> DataLoader:
         collate = None
-        if train and (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
+        if train and not self.in_memory and (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
             collate = MixupCutmixCollate(self.num_classes, self.mixup_alpha, self.cutmix_alpha)
         # val/test/predict: every image exactly once over DDP ranks (Lightning's DistributedSampler pads
         # by repeating images, which would bias accuracy and duplicate predictions)

@@ -280,3 +280,57 @@ def test_real_cifar10_folder(tmp_path):
     assert (len(dm.train_dataset), len(dm.val_dataset)) == (270, 30)  # 3 per class
     x, _ = next(iter(dm.val_dataloader()))
     assert x.shape == (8, 3, 32, 32)
+
+
+# --- in-memory data and batched augmentation ------------------------------------------------------
+
+
+def test_batched_crop_is_identity_at_full_scale_and_flips_per_image():
+    x = torch.rand(16, 3, 8, 8)
+    same = images.random_resized_crop_flip(x, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=False)
+    assert torch.allclose(same, x, atol=1e-5)
+    torch.manual_seed(0)
+    flipped = images.random_resized_crop_flip(x, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=True)
+    is_flip = torch.tensor([torch.allclose(f, i.flip(-1), atol=1e-5) for f, i in zip(flipped, x)])
+    is_same = torch.tensor([torch.allclose(f, i, atol=1e-5) for f, i in zip(flipped, x)])
+    assert (is_flip ^ is_same).all() and 0 < is_flip.sum() < 16  # each image either, per image
+    crops = images.random_resized_crop_flip(x, scale=(0.3, 0.5))
+    assert crops.shape == x.shape and not torch.allclose(crops, x)
+    assert crops.min() >= x.min() - 1e-6 and crops.max() <= x.max() + 1e-6  # bilinear: no overshoot
+
+
+class _Stage:
+    """Stands in for the trainer's state flags that `on_after_batch_transfer` reads."""
+
+    def __init__(self, training: bool) -> None:
+        self.training, self.predicting = training, False
+
+
+def test_in_memory_matches_folder_path_for_evaluation(tmp_path):
+    write_folder(tmp_path, "train", {"a": 5, "b": 5}, size=12)
+    common = dict(img_size=8, batch_size=4, val_fraction=0.2, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
+    folder, memory = ImageDataModule(str(tmp_path), **common), ImageDataModule(str(tmp_path), in_memory=True, **common)
+    folder.setup("fit")
+    memory.setup("fit")
+    assert isinstance(memory.train_dataset, images.InMemoryImages) and memory.train_dataset.images.dtype == torch.uint8
+    assert len(memory.train_dataset) == len(folder.train_dataset) == 8
+    memory.trainer = _Stage(training=False)
+    for (xf, yf), raw in zip(folder.val_dataloader(), memory.val_dataloader()):
+        xm, ym = memory.on_after_batch_transfer(raw, 0)
+        assert torch.allclose(xm, xf, atol=1e-5) and torch.equal(ym, yf)
+    memory.trainer = _Stage(training=True)
+    x, y = memory.on_after_batch_transfer(next(iter(memory.train_dataloader())), 0)
+    assert x.shape == (4, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.long
+
+
+def test_in_memory_mixup_and_unsupported_augmentations(tmp_path):
+    write_folder(tmp_path, "train", {"a": 6, "b": 6})
+    dm = ImageDataModule(str(tmp_path), img_size=8, batch_size=6, in_memory=True, random_resized_crop=True,
+                         hflip=True, mixup_alpha=0.2, cutmix_alpha=1.0)
+    dm.setup("fit")
+    dm.trainer = _Stage(training=True)
+    x, y = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert x.shape == (6, 3, 8, 8) and y.shape == (6, 2) and torch.allclose(y.sum(-1), torch.ones(6))
+    for bad in (dict(randaugment=True), dict(random_erasing=0.25)):
+        with pytest.raises(ValueError, match="in_memory=False"):
+            ImageDataModule(str(tmp_path), in_memory=True, **bad)
