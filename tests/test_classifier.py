@@ -126,6 +126,18 @@ def test_fit_with_ema_schedule_and_metrics(tmp_path):
     assert fresh.class_names == ["blue", "green", "red"]
 
 
+def test_in_memory_data_through_a_real_trainer(tmp_path):
+    """Lightning calls the datamodule's `on_after_batch_transfer`: uint8 batches arrive normalised."""
+    torch.manual_seed(0)
+    dm = ImageDataModule(image_folder(tmp_path), img_size=32, batch_size=6, val_fraction=0.25, in_memory=True,
+                         random_resized_crop=True, crop_scale=(0.6, 1.0), hflip=True)
+    module = tiny(lr=3e-3, warmup_steps=0, label_smoothing=0.0)
+    t = trainer(max_epochs=8, num_sanity_val_steps=0)
+    t.fit(module, dm)
+    assert t.callback_metrics["val/acc"] == 1.0  # one solid colour per class
+    assert module._fixed_image.dtype == torch.float32 and module._fixed_image.min() < 0
+
+
 def test_num_classes_must_match_the_data(tmp_path):
     dm = ImageDataModule(image_folder(tmp_path, per_class=2), img_size=32)
     with pytest.raises(ValueError, match="num_classes=10 but the data has 3"):
