@@ -38,7 +38,8 @@ def per_hierarchy(value, count: int, name: str) -> tuple:
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Pad the token axis (-2) at the end up to a multiple; causality keeps the tail invisible."""
-    return F.pad(x, (0, 0, 0, -x.shape[-2] % multiple))
+    pad = -x.shape[-2] % multiple
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
 def expand_to_tokens(x: Tensor, stride: int, length: int) -> Tensor:
@@ -346,7 +347,7 @@ class HierarchicalTransformer(nn.Module):
         if not return_loss:
             return logits
 
-        ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=self.ignore_index)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=self.ignore_index)
         recon = logits.new_zeros(())
         if self.recon_loss_weight > 0:
             recon = sum((c.recon_loss(e, ids, self.ignore_index) for c, e in zip(self.compressors, embeds)), recon)

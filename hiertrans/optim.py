@@ -9,24 +9,42 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+# wrappers that distributed/compiled training inserts into parameter names
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: decay on weight matrices and kernels; none on 1-D parameters (norm
-    gains, biases), embedding tables, nor what `model.no_weight_decay()` names (position
-    embeddings, class token): offsets whose magnitude carries meaning, not overfitting capacity."""
+
+def clean_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters AdamW should not decay: 1-D parameters (norm gains, biases), embedding
+    tables, and what `model.no_weight_decay()` names (position embeddings, class token): offsets whose
+    magnitude carries meaning, not overfitting capacity.
+
+    Call it on the unwrapped model: FSDP flattens and shards parameters, so their shapes no longer
+    tell matrices from gains once it has wrapped the model.
+    """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    # timm lists full names; some models list bare attribute names ("pos_embed"): match both
+    return {clean_name(name) for name, param in model.named_parameters()
+            if param.ndim <= 1 or id(param) in embeddings or name in skip or name.rsplit(".", 1)[-1] in skip}
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str] | None = None) -> list[dict[str, Any]]:
+    """AdamW parameter groups `decay` and `no_decay`; `no_decay` names default to
+    `no_weight_decay_names(model)` (pass them computed before an FSDP wrap)."""
+    no_decay = no_weight_decay_names(model) if no_decay is None else no_decay
+    groups: dict[bool, list] = {True: [], False: []}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        # timm lists full names; some models list bare attribute names ("pos_embed"): match both
-        excluded = (param.ndim <= 1 or id(param) in embeddings or name in skip
-                    or name.rsplit(".", 1)[-1] in skip)
-        (no_decay if excluded else decay).append(param)
+        if param.requires_grad:
+            groups[clean_name(name) not in no_decay].append(param)
     # "name" labels the groups in LearningRateMonitor (lr-AdamW/decay, lr-AdamW/no_decay)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [{"params": groups[True], "weight_decay": weight_decay, "name": "decay"},
+            {"params": groups[False], "weight_decay": 0.0, "name": "no_decay"}]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_lr_ratio: float) -> float:

@@ -26,7 +26,7 @@ from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from hiertrans.optim import param_groups, warmup_cosine_schedule
+from hiertrans.optim import no_weight_decay_names, param_groups, warmup_cosine_schedule
 from hiertrans.vit import PRESETS, HierarchialViT, MultiScaleAttention, create_model
 
 from .throughput import StepRate
@@ -156,6 +156,7 @@ class ImageClassifier(LightningModule):
         self.save_hyperparameters()
         self.model = build_model(model_name, num_classes, img_size, in_chans, drop_path_rate, drop_rate,
                                  hierarchy=hierarchy, **(model_kwargs or {}))
+        self.no_decay = no_weight_decay_names(self.model)  # now: an FSDP wrap would hide the shapes
         self.ema: AveragedModel | None = None
         if ema_decay is not None:
             self.ema = AveragedModel(self.model, multi_avg_fn=functools.partial(ema_update, decay=ema_decay),
@@ -209,7 +210,7 @@ class ImageClassifier(LightningModule):
     # --- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr,
+        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay, self.no_decay), lr=hp.lr,
                                       betas=tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches
         if total == float("inf"):

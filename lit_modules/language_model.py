@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 
 from hiertrans import HierarchicalTransformer
-from hiertrans.optim import param_groups, warmup_cosine_schedule
+from hiertrans.optim import no_weight_decay_names, param_groups, warmup_cosine_schedule
 
 from .throughput import StepRate
 
@@ -65,6 +65,7 @@ class LanguageModel(LightningModule):
             recon_loss_weight=recon_loss_weight, hierarchical_ar_loss_weight=hierarchical_ar_loss_weight,
             ignore_index=IGNORE_INDEX,
         )
+        self.no_decay = no_weight_decay_names(self.model)  # now: an FSDP wrap would hide the shapes
         self.val_bpb, self.test_bpb = MeanMetric(), MeanMetric()
         self.step_rate = StepRate()
 
@@ -144,7 +145,8 @@ class LanguageModel(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        groups = param_groups(self.model, hp.weight_decay, self.no_decay)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         scheduler = warmup_cosine_schedule(optimizer, hp.warmup_steps, self.trainer.estimated_stepping_batches,
                                   hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -191,3 +191,30 @@ def test_loss_falls_on_real_text():
         losses.append(ce.item())
     assert losses[0] > 4.5  # ~ln(256) at initialisation
     assert sum(losses[-5:]) / 5 < 3.3
+
+
+def test_rms_norm_function_matches_composite_values_and_gradients():
+    """The hand-written backward (CPU fast path) equals autograd through `F.rms_norm`, to float64 precision."""
+    from hiertrans.layers.norm import _RMSNormFunction, rms_norm
+
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-6), (x, w))
+    grad = torch.randn(3, 5, 16, dtype=torch.float64)
+    ours = torch.autograd.grad(rms_norm(x, w), (x, w), grad)
+    composite = torch.autograd.grad(torch.nn.functional.rms_norm(x, (16,), w, 1e-6), (x, w), grad)
+    assert all(torch.allclose(a, b) for a, b in zip(ours, composite))
+    assert torch.allclose(rms_norm(x, w), torch.nn.functional.rms_norm(x, (16,), w, 1e-6))
+
+
+def test_token_shift_values_and_gradients():
+    from hiertrans.layers import token_shift
+
+    x = torch.randn(2, 6, 7, dtype=torch.float64, requires_grad=True)  # odd width: first half gets 4
+    shifted = token_shift(x)
+    first, second = x.detach()[..., :4], x.detach()[..., 4:]
+    expected = torch.cat((first, torch.nn.functional.pad(second, (0, 0, 1, -1))), dim=-1)
+    assert torch.equal(shifted, expected)
+    assert torch.autograd.gradcheck(token_shift, (x,))
+    assert torch.autograd.gradgradcheck(token_shift, (x,))
+    assert token_shift(torch.ones(1, 1, 4))[..., 2:].abs().sum() == 0  # a single position sees zeros

@@ -38,6 +38,29 @@ def test_weight_decay_groups_skip_norms_biases_and_embeddings():
     assert all(p.ndim >= 2 for p in decay["params"]) and "to_logits.weight" in decayed
 
 
+def test_weight_decay_groups_survive_an_fsdp_style_wrap():
+    """FSDP (use_orig_params) renames parameters through `_fsdp_wrapped_module.` and shards them into
+    flat 1-D pieces: the groups come from names computed on the unwrapped model, not from shapes."""
+    from torch import nn
+
+    module = LanguageModel(**TINY)
+    before = [(len(g["params"]), g["weight_decay"]) for g in param_groups(module.model, 0.1)]
+
+    class Wrapper(nn.Module):  # stands in for FullyShardedDataParallel around each layer
+        def __init__(self, inner):
+            super().__init__()
+            self._fsdp_wrapped_module = inner
+
+    layers = module.model.layers
+    for i in range(len(layers)):
+        layers[i] = Wrapper(layers[i])
+    with torch.no_grad():
+        for param in module.model.parameters():
+            param.data = param.data.flatten()  # a rank's shard: 1-D whatever the parameter was
+    after = [(len(g["params"]), g["weight_decay"]) for g in param_groups(module.model, 0.1, module.no_decay)]
+    assert after == before and before[0][0] > 0
+
+
 def test_val_bpb_is_exact_over_the_whole_split(tmp_path):
     data = ByteTextDataModule(corpus(tmp_path), seq_len=32, batch_size=5, val_fraction=0.05, test_fraction=0.05)
     module = LanguageModel(**TINY)

@@ -59,7 +59,8 @@ def local_attend(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     if n <= window + 1:  # every position already sees its whole past
         return attend(q, k, v, causal=True)
     pad = -n % window
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     blocks = (n + pad) // window
     # blocks of queries against (previous block ++ own block) of keys; 4-D keeps SDPA on its fused kernel
     qb = rearrange(q, "b h (w n) d -> (b h) w n d", n=window)
