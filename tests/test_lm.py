@@ -144,6 +144,21 @@ def test_local_attention_matches_banded_full_attention_and_local_attention_packa
     torch.testing.assert_close(ours, package(q, k, v), atol=1e-5, rtol=1e-5)
 
 
+def test_local_attention_gradients_match_banded_full_attention():
+    """The blocked layout has its own backward (`_WithPreviousBlock`): gradients equal the banded
+    reference's, in float64, for a length that fills its blocks and one that does not."""
+    for n, window in ((24, 8), (21, 8)):
+        q, k, v = (torch.randn(2, 2, n, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+        banded = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j >= i - window))
+        grad = torch.randn_like(banded)
+        expected = torch.autograd.grad(banded, (q, k, v), grad)
+        ours = torch.autograd.grad(local_attend(q, k, v, window), (q, k, v), grad)
+        for a, b in zip(ours, expected):
+            torch.testing.assert_close(a, b)
+        assert torch.autograd.gradcheck(lambda q, k, v, w=window: local_attend(q, k, v, w), (q, k, v))
+
+
 def test_generate_samples_and_restores_training_flag():
     model = tiny(hierarchies=(1, 2), window_sizes=(4, None)).train()
     prompt = torch.randint(0, VOCAB, (2, 5))

@@ -48,6 +48,31 @@ def _local_mask(window: int, blocks: int, device: torch.device) -> Tensor:
     return mask[None]  # 4-D: SDPA's fused CPU kernel takes 4-D masks only (3-D falls back to math)
 
 
+class _WithPreviousBlock(torch.autograd.Function):
+    """`(b, h, w * n, d) -> (b * h, w, 2n, d)`: each block of n positions preceded by the block before
+    it (zeros before the first). One write each way, where pad + unfold + reshape copied twice and
+    zero-filled a scatter buffer in the backward."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, block: int) -> Tensor:
+        b, h, length, d = t.shape
+        blocks = t.unflatten(2, (length // block, block))  # a view, whatever t's strides
+        out = t.new_empty(b, h, length // block, 2 * block, d)
+        out[..., block:, :] = blocks
+        out[:, :, 1:, :block] = blocks[:, :, :-1]
+        out[:, :, :1, :block] = 0
+        ctx.block, ctx.heads = block, h
+        return out.flatten(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        block = ctx.block
+        grad = grad.unflatten(0, (-1, ctx.heads))
+        grad_t = grad[..., block:, :].clone()
+        grad_t[:, :, :-1] += grad[:, :, 1:, :block]
+        return grad_t.flatten(2, 3), None
+
+
 def local_attend(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     """Causal sliding-window attention: position t attends to positions t - window .. t.
 
@@ -64,8 +89,7 @@ def local_attend(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     blocks = (n + pad) // window
     # blocks of queries against (previous block ++ own block) of keys; 4-D keeps SDPA on its fused kernel
     qb = rearrange(q, "b h (w n) d -> (b h) w n d", n=window)
-    k, v = (rearrange(F.pad(t, (0, 0, window, 0)).unfold(2, 2 * window, window), "b h w d n -> (b h) w n d")
-            for t in (k, v))
+    k, v = (_WithPreviousBlock.apply(t, window) for t in (k, v))
     out = F.scaled_dot_product_attention(qb, k, v, attn_mask=_local_mask(window, blocks, q.device))
     return rearrange(out, "(b h) w n d -> b h (w n) d", h=q.shape[1])[:, :, :n]
 

@@ -9,24 +9,24 @@ class _RMSNormFunction(torch.autograd.Function):
     the backward on CUDA only) spends most of a CPU step's norm time in `pow` and its backward.
 
     With r = rsqrt(mean(x^2) + eps), x̂ = x r, gw = g w:
-    dx = r gw - r x̂ mean(gw x̂),  dw = sum over rows of g x̂.
+    dx = r (gw - x̂ mean(gw x̂)),  dw = sum over rows of g x̂.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
-        ctx.save_for_backward(x, weight, rstd)
-        return x * rstd * weight
+        x_hat = x * rstd
+        ctx.save_for_backward(x_hat, weight, rstd)  # x_hat instead of x: same memory, one pass less later
+        return x_hat * weight
 
     @staticmethod
     @once_differentiable  # rstd is saved as a constant: a second derivative would be wrong, so refuse it
     def backward(ctx, grad: Tensor):
-        x, weight, rstd = ctx.saved_tensors
-        x_hat = x * rstd
+        x_hat, weight, rstd = ctx.saved_tensors
         grad_w = grad * weight
         mean = (grad_w * x_hat).mean(-1, keepdim=True)
-        grad_x = torch.addcmul(grad_w * rstd, x_hat, rstd * mean, value=-1.0)
-        grad_weight = (grad * x_hat).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        grad_x = torch.addcmul(grad_w, x_hat, mean, value=-1.0).mul_(rstd)
+        grad_weight = (grad * x_hat).reshape(-1, x_hat.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
         return grad_x, grad_weight, None
 
 
