@@ -105,6 +105,10 @@ def main() -> None:
         if name in steps and ref in steps:
             print(f"{name} / {ref}: tokens/s {fmt_ratio(median[ref], median[name])}, "
                   f"peak memory {fmt_ratio(peak[name], peak[ref])}")
+    print("s/step per round: " + "; ".join(f"{name} " + "/".join(f"{t:.2f}" for t in seconds[name]) for name in steps))
+    round_ratios = [r / o for o, r in zip(seconds["ours"], seconds["reference"])]
+    print(f"ours / reference tokens/s within each round: min {min(round_ratios):.2f}x, "
+          f"median {statistics.median(round_ratios):.2f}x, max {max(round_ratios):.2f}x")
     print(f"ours: {flops / 1e9:.1f} GFLOP per step, {flops / median['ours'] / 1e9:.1f} GFLOP/s = "
           f"{flops / median['ours'] / peak_flops:.0%} of this machine's fp32 matmul peak "
           f"({peak_flops / 1e9:.0f} GFLOP/s)")

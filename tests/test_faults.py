@@ -204,3 +204,25 @@ def test_epoch_sampler_resumes_mid_epoch_by_rotating():
     sampler.set_epoch(3)  # the next epoch starts from its beginning
     assert list(sampler) == [(3, i) for i in range(6)]
     assert [i for _, i in EpochSampler(6, start=6)] == list(range(6))  # a finished epoch skips nothing
+
+
+def test_periodic_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    """Lightning's checkpoint IO (every ModelCheckpoint save) writes through an fsspec transaction:
+    a write that dies half-way leaves the previous `last.ckpt` as it was and no partial file."""
+    import fsspec.implementations.local as local
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    io = TorchCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "weights": torch.ones(1000)}, target)
+    good = target.read_bytes()
+
+    def dies_half_way(self, data):
+        self.f.write(data[: len(data) // 2])
+        raise OSError("disk pulled out mid-write")
+
+    monkeypatch.setattr(local.LocalFileOpener, "write", dies_half_way)
+    with pytest.raises(OSError, match="mid-write"):
+        io.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, target)
+    assert target.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary left behind
