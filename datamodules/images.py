@@ -418,10 +418,13 @@ class ImageDataModule(LightningDataModule):
         self.val_fraction, self.seed = val_fraction, seed
         self.skip_corrupt, self.mean, self.std = skip_corrupt, tuple(mean), tuple(std)
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.classes: list[str] = DIGITS_CLASSES if root is None else find_classes(root, train_split)
+        # one mixer for the run: in the loader's collate, or per batch on the device with in_memory
+        self.mix = (MixupCutmixCollate(len(self.classes), mixup_alpha, cutmix_alpha)
+                    if mixup_alpha > 0 or cutmix_alpha > 0 else None)
         self.augment = dict(random_resized_crop=random_resized_crop, crop_scale=tuple(crop_scale),
                             hflip=hflip, randaugment=randaugment, randaugment_magnitude=randaugment_magnitude,
                             random_erasing=random_erasing)
-        self.classes: list[str] = DIGITS_CLASSES if root is None else find_classes(root, train_split)
         self.train_dataset = self.val_dataset = self.test_dataset = self.predict_dataset = None
 
     @property
@@ -490,17 +493,13 @@ class ImageDataModule(LightningDataModule):
                 images = random_resized_crop_flip(images, self.augment["crop_scale"], hflip=self.augment["hflip"])
             elif self.augment["hflip"]:
                 images = random_hflip(images)
-        mean, std = (torch.tensor(v, device=images.device).view(-1, 1, 1) for v in (self.mean, self.std))
-        images = (images - mean) / std
-        if self.trainer.training and (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
-            images, targets = MixupCutmixCollate(self.num_classes, self.mixup_alpha, self.cutmix_alpha).mix(
-                images, targets)
+        images = v2.functional.normalize(images, list(self.mean), list(self.std))
+        if self.trainer.training and self.mix is not None:
+            images, targets = self.mix.mix(images, targets)
         return images, targets
 
     def _loader(self, dataset: Dataset, train: bool = False) -> DataLoader:
-        collate = None
-        if train and not self.in_memory and (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
-            collate = MixupCutmixCollate(self.num_classes, self.mixup_alpha, self.cutmix_alpha)
+        collate = self.mix if train and not self.in_memory else None
         # val/test/predict: every image exactly once over DDP ranks (Lightning's DistributedSampler pads
         # by repeating images, which would bias accuracy and duplicate predictions)
         sampler = None if train else ShardSampler(dataset)
