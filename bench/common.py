@@ -5,22 +5,47 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import psutil
 import torch
 
-try:  # glibc: serve every block over 64 KiB by mmap so freed tensors leave the RSS at once
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-except (OSError, AttributeError):
-    pass
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: the RSS is read as the platform's allocator leaves it
+    _LIBC = None
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@contextmanager
+def rss_tracks_live_tensors() -> Iterator[None]:
+    """glibc: inside, every block over 64 KiB is its own mmap, so a freed tensor leaves the RSS at
+    once and the RSS peak is the peak of live tensors (what `peak_memory_during` reads).
+
+    Only for measuring memory, never around timing: every large tensor then costs fresh,
+    page-faulted memory, which slows a step by ~50% and penalises models that allocate more.
+    On exit the thresholds go back to where glibc's dynamic defaults settle for tensors of a few
+    MiB (mmap above 32 MiB, trim above 64 MiB).
+    """
+    if _LIBC is None:
+        yield
+        return
+    _LIBC.malloc_trim(0)  # give back freed heap pages, so reusing them shows up in the RSS
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+    try:
+        yield
+    finally:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
 def peak_memory_during(fn: Callable[[], object], device: torch.device) -> tuple[object, int]:
     """Run `fn` once; return its result and the peak memory it added, in bytes.
 
     CUDA: allocator peak. CPU: resident-set peak over the baseline, sampled every 0.5 ms by a
-    thread (the allocator returns freed blocks to the OS, so RSS tracks live tensors closely).
+    thread, inside `rss_tracks_live_tensors` (freed blocks go back to the OS at once, so the RSS
+    tracks live tensors closely). Time nothing with it.
     """
     gc.collect()
     if device.type == "cuda":
@@ -30,6 +55,11 @@ def peak_memory_during(fn: Callable[[], object], device: torch.device) -> tuple[
         out = fn()
         torch.cuda.synchronize(device)
         return out, torch.cuda.max_memory_allocated(device) - base
+    with rss_tracks_live_tensors():
+        return _rss_peak_during(fn)
+
+
+def _rss_peak_during(fn: Callable[[], object]) -> tuple[object, int]:
     proc = psutil.Process(os.getpid())
     base = peak = proc.memory_info().rss
     done = threading.Event()
@@ -77,3 +107,57 @@ def params(model: torch.nn.Module) -> int:
 
 def fmt_ratio(ours: float, theirs: float) -> str:
     return f"{ours / theirs:.2f}x" if theirs else "n/a"
+
+
+def _serve(conn, make_step: Callable[[], Callable[[], object]], device: str, threads: int | None,
+           warmup: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    step = make_step()
+    for _ in range(warmup):
+        step()
+    conn.send("ready")
+    while (request := conn.recv()) != "stop":
+        if request == "time":
+            conn.send(timed(step, torch.device(device)))
+        elif request == "memory":
+            conn.send(peak_memory_during(step, torch.device(device))[1])
+
+
+class StepWorker:
+    """One contender in a process of its own, as a user's training job runs it.
+
+    Sharing a process makes the contenders share one heap: on CPU, glibc's allocator then serves one
+    model's tensors from memory the other fragmented or trimmed, and step times moved by up to 25%
+    with what else the process held. Each worker builds its step with `make_step()` (a picklable
+    callable; it runs in the worker), warms up, then times one step or measures its peak memory per
+    request, so the caller can still alternate contenders round by round. Only one worker computes
+    at a time.
+    """
+
+    def __init__(self, make_step: Callable[[], Callable[[], object]], device: str = "cpu",
+                 threads: int | None = None, warmup: int = 2):
+        import multiprocessing as mp
+
+        context = mp.get_context("spawn")  # fork would copy this process's heap and thread pools
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, make_step, device, threads, warmup),
+                                       daemon=True)
+        self.process.start()
+        child.close()
+        if self.conn.recv() != "ready":
+            raise RuntimeError("benchmark worker failed to start")
+
+    def time(self) -> float:
+        """Seconds of one step."""
+        self.conn.send("time")
+        return self.conn.recv()
+
+    def peak_memory(self) -> int:
+        """Peak bytes one step adds (see `peak_memory_during`)."""
+        self.conn.send("memory")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send("stop")
+        self.process.join()

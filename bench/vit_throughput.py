@@ -1,8 +1,10 @@
 """Training and inference throughput (images/s) and peak memory: HierarchialViT vs timm's PVT v2.
 
-All models run in ONE process and are measured in alternation (ours, theirs, ours, theirs, ...;
-the median over rounds is reported), so load from other processes on a shared machine hits every
-model alike and the ratios stay fair even when the absolute numbers are noisy.
+Each model runs in a process of its own (as a training job does: models sharing one process share
+glibc's heap, and one's allocation pattern slowed the other's steps), and the models are measured in
+alternation (ours, theirs, ours, theirs, ...; the median over rounds is reported), so load from
+other processes on a shared machine hits every model alike and the ratios stay fair even when the
+absolute numbers are noisy.
 
 Settings:
   32 px,  batch 128: hvit_cifar (10 classes) vs pvt_v2_b0(num_classes=10)
@@ -22,7 +24,7 @@ import argparse
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -33,94 +35,96 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import fmt_ratio, params, peak_memory_during, timed  # noqa: E402
+from bench.common import StepWorker, fmt_ratio, params  # noqa: E402
 from hiertrans.vit import create_model  # noqa: E402
 
 
-@dataclass
-class Contender:
-    name: str
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    seconds: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "infer": []})
-    memory: dict[str, int] = field(default_factory=dict)
-
-    def runner(self, mode: str, x: torch.Tensor, y: torch.Tensor, steps: int) -> Callable[[], None]:
-        model, opt = self.model, self.optimizer
-
-        def train() -> None:
-            model.train()
-            for _ in range(steps):
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-        def infer() -> None:
-            model.eval()
-            with torch.inference_mode():
-                for _ in range(steps):
-                    model(x)
-
-        return train if mode == "train" else infer
+def build(model_name: str, classes: int) -> nn.Module:
+    torch.manual_seed(0)
+    if model_name.startswith("hvit"):
+        return create_model(model_name, num_classes=classes)
+    return timm.create_model(model_name, num_classes=classes)
 
 
-def contender(name: str, model: nn.Module, device: torch.device, channels_last: bool) -> Contender:
-    model = model.to(device)
+def make_step(model_name: str, mode: str, batch: int, img: int, classes: int, steps: int, channels_last: bool,
+              device: str) -> Callable[[], None]:
+    """Runs in a worker process: `steps` training steps (forward, cross-entropy, backward, AdamW) or
+    inference forwards (eval mode, `inference_mode`) on a fixed random batch."""
+    model = build(model_name, classes).to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, img, img, generator=gen).to(device)
+    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return Contender(name, model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05))
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def train() -> None:
+        model.train()
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    def infer() -> None:
+        model.eval()
+        with torch.inference_mode():
+            for _ in range(steps):
+                model(x)
+
+    return train if mode == "train" else infer
 
 
-def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
+def forward_flops(model: nn.Module, img: int) -> float:
     """Forward FLOPs per image (matmuls, convs, attention), counted by torch's FlopCounterMode."""
     model.eval()
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(x[:1])
+        model(torch.randn(1, 3, img, img))
     return counter.get_total_flops()
 
 
-def measure(title: str, contenders: list[Contender], batch: int, img: int, classes: int, steps: int,
-            rounds: int, args: argparse.Namespace, device: torch.device) -> None:
-    torch.manual_seed(0)
-    x = torch.randn(batch, 3, img, img, device=device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (batch,), device=device)
+def measure(title: str, contenders: dict[str, str], batch: int, img: int, classes: int, steps: int,
+            rounds: int, args: argparse.Namespace) -> None:
+    """`contenders`: label -> model name, ours first. Each (model, mode) runs in its own worker process."""
     print(f"\n== {title}: {img}x{img} px, batch {batch}, {steps} steps x {rounds} rounds "
           f"(median), {classes} classes", flush=True)
+    seconds: dict[tuple[str, str], list[float]] = {}
+    memory: dict[tuple[str, str], int] = {}
     for mode in ("train", "infer"):
-        for c in contenders:  # warm-up: allocator, kernels, optimizer state
-            c.runner(mode, x, y, args.warmup)()
+        workers = {label: StepWorker(partial(make_step, name, mode, batch, img, classes, steps, args.channels_last,
+                                             args.device), args.device, args.threads or None, args.warmup)
+                   for label, name in contenders.items()}
         for _ in range(rounds):
-            for c in contenders:  # alternate: ours, theirs, ours, theirs, ...
-                c.seconds[mode].append(timed(c.runner(mode, x, y, steps), device))
-        for c in contenders:
-            c.memory[mode] = peak_memory_during(c.runner(mode, x, y, 1), device)[1]
+            for label, worker in workers.items():  # alternate: ours, theirs, ours, theirs, ...
+                seconds.setdefault((label, mode), []).append(worker.time())
+        for label, worker in workers.items():
+            memory[label, mode] = worker.peak_memory()
+            worker.close()
 
-    def ips(c: Contender, mode: str) -> float:
-        return batch * steps / statistics.median(c.seconds[mode])
+    def ips(label: str, mode: str) -> float:
+        return batch * steps / statistics.median(seconds[label, mode])
 
-    flops = {c.name: forward_flops(c.model, x) for c in contenders}
+    models = {label: build(name, classes) for label, name in contenders.items()}
+    flops = {label: forward_flops(model, img) for label, model in models.items()}
     header = (f"{'model':<26}{'params':>9}{'GFLOPs/img':>11}{'train img/s':>13}{'infer img/s':>13}"
               f"{'train MiB':>11}{'infer MiB':>11}")
     print(header)
     print("-" * len(header))
-    for c in contenders:
-        print(f"{c.name:<26}{params(c.model) / 1e6:>8.2f}M{flops[c.name] / 1e9:>11.3f}"
-              f"{ips(c, 'train'):>13.1f}{ips(c, 'infer'):>13.1f}"
-              f"{c.memory['train'] / 2**20:>11.0f}{c.memory['infer'] / 2**20:>11.0f}")
-    ours = contenders[0]
-    for theirs in contenders[1:]:
-        print(f"ours/{theirs.name.split()[0]}: params {fmt_ratio(params(ours.model), params(theirs.model))}, "
-              f"FLOPs {fmt_ratio(flops[ours.name], flops[theirs.name])}, "
+    for label, model in models.items():
+        print(f"{label:<26}{params(model) / 1e6:>8.2f}M{flops[label] / 1e9:>11.3f}"
+              f"{ips(label, 'train'):>13.1f}{ips(label, 'infer'):>13.1f}"
+              f"{memory[label, 'train'] / 2**20:>11.0f}{memory[label, 'infer'] / 2**20:>11.0f}")
+    ours, *peers = models
+    for theirs in peers:
+        print(f"ours/{theirs.split()[0]}: params {fmt_ratio(params(models[ours]), params(models[theirs]))}, "
+              f"FLOPs {fmt_ratio(flops[ours], flops[theirs])}, "
               f"train img/s {fmt_ratio(ips(ours, 'train'), ips(theirs, 'train'))}, "
               f"infer img/s {fmt_ratio(ips(ours, 'infer'), ips(theirs, 'infer'))}, "
-              f"train memory {fmt_ratio(ours.memory['train'], theirs.memory['train'])}, "
-              f"infer memory {fmt_ratio(ours.memory['infer'], theirs.memory['infer'])}")
+              f"train memory {fmt_ratio(memory[ours, 'train'], memory[theirs, 'train'])}, "
+              f"infer memory {fmt_ratio(memory[ours, 'infer'], memory[theirs, 'infer'])}")
     for mode in ("train", "infer"):  # the spread says how much to trust the medians
-        spread = ", ".join(f"{c.name.split()[0]} " + "/".join(f"{batch * steps / s:.3g}"
-                                                               for s in c.seconds[mode]) for c in contenders)
+        spread = ", ".join(f"{label.split()[0]} " + "/".join(f"{batch * steps / s:.3g}" for s in seconds[label, mode])
+                           for label in models)
         print(f"  {mode} img/s per round: {spread}")
 
 
@@ -144,27 +148,17 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels-last inputs and conv weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, timm {timm.__version__}, device {args.device}, "
+          f"{args.threads or torch.get_num_threads()} threads, channels_last={args.channels_last}, "
+          f"one process per model and mode")
     sizes = {int(s) for s in args.sizes.split(",")}
-    print(f"torch {torch.__version__}, timm {timm.__version__}, device {device}, "
-          f"{torch.get_num_threads()} threads, channels_last={args.channels_last}")
-
-    cl = args.channels_last
     if 32 in sizes:
-        torch.manual_seed(0)
-        measure("CIFAR size", [
-            contender("hvit_cifar", create_model("hvit_cifar", num_classes=10), device, cl),
-            contender("pvt_v2_b0", timm.create_model("pvt_v2_b0", num_classes=10), device, cl),
-        ], args.batch_32, 32, 10, args.steps, args.rounds, args, device)
+        measure("CIFAR size", {"hvit_cifar": "hvit_cifar", "pvt_v2_b0": "pvt_v2_b0"},
+                args.batch_32, 32, 10, args.steps, args.rounds, args)
     if 224 in sizes:
-        torch.manual_seed(0)
-        peers = [p for p in args.peers_224.split(",") if p]
-        measure("ImageNet size", [
-            contender("hvit_tiny (PVT v1 Tiny)", create_model("hvit_tiny"), device, cl),
-            *(contender(p, timm.create_model(p), device, cl) for p in peers),
-        ], args.batch_224, 224, 1000, args.steps_224, args.rounds_224, args, device)
+        peers = {p: p for p in args.peers_224.split(",") if p}
+        measure("ImageNet size", {"hvit_tiny (PVT v1 Tiny)": "hvit_tiny", **peers},
+                args.batch_224, 224, 1000, args.steps_224, args.rounds_224, args)
 
 
 if __name__ == "__main__":
