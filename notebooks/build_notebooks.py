@@ -106,7 +106,7 @@ VIT_CELLS = [
     new_markdown_cell("""\
 # Attention maps of a hierarchical ViT
 
-Train a slim `hvit_cifar` (PVT v1 shape: four stages, spatially reduced keys/values) briefly on the
+Train a slim `hvit_cifar` (four PVT stages, spatially reduced keys/values) briefly on the
 embedded handwritten digits through `datamodules.ImageDataModule`, then look at what one query attends
 to in every stage with `hiertrans.attention_figure` / `visualize_attention`. The full run is
 `python -m hiertrans fit --config vit.yaml` (>= 95% accuracy in a few minutes)."""),

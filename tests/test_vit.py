@@ -6,7 +6,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from hiertrans.layers import attention_probs
+from hiertrans.layers import FeedForward, attention_probs
+from hiertrans.layers.spatial import DWConvFeedForward
 from hiertrans.vit import (
     PRESETS,
     HierarchialViT,
@@ -14,6 +15,7 @@ from hiertrans.vit import (
     HierarchicalViT,
     MultiScaleAttention,
     PatchEmbed,
+    PosConv,
     _register_with_timm,
     create_model,
 )
@@ -85,6 +87,51 @@ def test_hierarchical_stage_standalone():
     tokens, (h, w) = stage(torch.randn(2, 3, 32, 32))
     assert (h, w) == (8, 8) and tokens.shape == (2, 1 + 64, 16)
     assert len(stage.blocks) == 2 and isinstance(stage.downsample, PatchEmbed)
+
+
+def test_pos_conv_is_a_depthwise_residual_on_the_grid_only():
+    conv = PosConv(4, num_prefix_tokens=1)
+    torch.nn.init.zeros_(conv.proj.weight)
+    torch.nn.init.zeros_(conv.proj.bias)
+    x = torch.randn(2, 1 + 6, 4)
+    assert torch.equal(conv(x, 2, 3), x)  # zero conv: identity
+    with torch.no_grad():
+        conv.proj.weight[:, 0, 1, 1] = 1.0  # centre tap 1: every grid token doubles, the class token not
+    out = conv(x, 2, 3)
+    assert torch.equal(out[:, 0], x[:, 0]) and torch.allclose(out[:, 1:], 2 * x[:, 1:])
+    with torch.no_grad():
+        conv.proj.weight.zero_()
+        conv.proj.weight[:, 0, 1, 2] = 1.0  # right neighbour: token (i, j) adds token (i, j + 1)
+    grid = torch.arange(6.0).repeat(4, 1).T[None]  # (1, 6, 4): token t holds t
+    expected = torch.tensor([0 + 1, 1 + 2, 2 + 0, 3 + 4, 4 + 5, 5 + 0]).float()  # zero padding at the border
+    assert torch.equal(conv(torch.cat((torch.zeros(1, 1, 4), grid), 1), 2, 3)[0, 1:, 0], expected)
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_pos_conv_replaces_position_embeddings(global_pool):
+    model = tiny(pos_conv=True, pos_embed=False, global_pool=global_pool)
+    assert all(s.pos_embed is None and isinstance(s.pos_conv, PosConv) for s in model.stages)
+    assert tiny().stages[0].pos_conv is None  # off by default: PVT v1
+    for size in [(32, 32), (48, 80)]:  # any input size, nothing to resize
+        assert model(torch.randn(2, 3, *size)).shape == (2, 5)
+    per_stage = tiny(pos_conv=(True, False, False, False))
+    assert per_stage.stages[0].pos_conv is not None and per_stage.stages[1].pos_conv is None
+    with pytest.raises(ValueError, match="pos_conv has 2 entries"):
+        tiny(pos_conv=(True, False))
+
+
+def test_dwconv_mlp_per_stage_and_with_a_class_token():
+    model = tiny(dwconv_mlp=(True, True, False, False), global_pool="token")
+    kinds = [type(s.blocks[0].mlp) for s in model.stages]
+    assert kinds == [DWConvFeedForward, DWConvFeedForward, FeedForward, FeedForward]
+    assert model(torch.randn(2, 3, 48, 80)).shape == (2, 5)
+    with pytest.raises(ValueError, match="dwconv_mlp has 3 entries"):
+        tiny(dwconv_mlp=(True, True, False))
+    # the class token goes through the MLP but not through the conv: it has no place on the grid
+    mlp = DWConvFeedForward(4, 8)
+    x = torch.randn(2, 1 + 6, 4)
+    assert torch.allclose(mlp(x, 2, 3)[:, :1], mlp.fc2(mlp.act(mlp.fc1(x[:, :1]))))
+    assert torch.allclose(mlp(x, 2, 3)[:, 1:], mlp(x[:, 1:], 2, 3))
 
 
 def test_class_token_with_spatial_reduction():

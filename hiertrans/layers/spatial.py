@@ -77,8 +77,9 @@ class TokenFeedForward(FeedForward):
 class DWConvFeedForward(nn.Module):
     """PVT v2 feed-forward: fc1 -> 3x3 depthwise conv -> GELU -> dropout -> fc2 -> dropout.
 
-    `(b, h*w, dim), height, width -> (b, h*w, dim)`. The depthwise conv mixes neighbouring
+    `(b, prefix + h*w, dim), height, width -> same`. The depthwise conv mixes neighbouring
     tokens, which is what lets PVT v2 drop position embeddings (zero padding leaks position).
+    Tokens in front of the grid (a class token) skip the conv: they have no place on it.
     """
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = True, dropout: float = 0.0):
@@ -90,9 +91,11 @@ class DWConvFeedForward(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        x = self.dwconv(_to_map(self.fc1(x), height, width))
-        x = self.drop(self.act(rearrange(x, "b c h w -> b (h w) c")))
-        return self.drop(self.fc2(x))
+        x = self.fc1(x)
+        prefix = x.shape[1] - height * width
+        grid = rearrange(self.dwconv(_to_map(x[:, prefix:], height, width)), "b c h w -> b (h w) c")
+        x = torch.cat((x[:, :prefix], grid), dim=1) if prefix else grid
+        return self.drop(self.fc2(self.drop(self.act(x))))
 
 
 class AxialRotaryEmbedding(nn.Module):
