@@ -32,7 +32,7 @@ from .layers import (
     make_norm,
     merge_heads,
 )
-from .layers.spatial import DWConvFeedForward
+from .layers.spatial import DWConvFeedForward, on_grid, to_map
 
 __all__ = [
     "HierarchialViT",
@@ -60,14 +60,6 @@ def to_pair(value: IntOrPair, name: str) -> tuple[int, int]:
 def conv_out(size: int, kernel: int, stride: int, padding: int = 0) -> int:
     """Output length of a convolution along one axis (may be <= 0: the map vanished)."""
     return (size + 2 * padding - kernel) // stride + 1
-
-
-def to_map(tokens: Tensor, h: int, w: int) -> Tensor:
-    """Patch tokens `(b, h*w, c)` as a map `(b, c, h, w)`.
-
-    A view, not a copy: the result has channels-last strides, which conv2d consumes directly.
-    """
-    return rearrange(tokens, "b (h w) c -> b c h w", h=h, w=w)
 
 
 class PatchEmbed(nn.Module):
@@ -238,16 +230,12 @@ class PosConv(nn.Module):
     resizing, and the 3x3 neighbourhood gives every stage some locality for 9 weights per channel.
     """
 
-    def __init__(self, dim: int, num_prefix_tokens: int = 0):
+    def __init__(self, dim: int):
         super().__init__()
-        self.num_prefix_tokens = num_prefix_tokens
         self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        p = self.num_prefix_tokens
-        grid = x[:, p:]
-        grid = grid + rearrange(self.proj(to_map(grid, height, width)), "b c h w -> b (h w) c")
-        return torch.cat((x[:, :p], grid), dim=1) if p else grid
+        return on_grid(x, height, width, lambda grid: grid + self.proj(grid))
 
 
 class HierarchicalStage(nn.Module):
@@ -314,7 +302,7 @@ class HierarchicalStage(nn.Module):
                 return SpatialReductionBlock(dim, num_heads, mlp_ratio, sr_ratio, qkv_bias, drop_rate,
                                              attn_drop_rate, rate, norm_eps, dwconv_mlp)
         self.blocks = nn.ModuleList(block_fn(rate) for rate in rates)
-        self.pos_conv = PosConv(dim, self.num_prefix_tokens) if pos_conv else None
+        self.pos_conv = PosConv(dim) if pos_conv else None
         self.norm = out_norm  # PVT v2 norms each stage's output tokens before the next stage
         self.grad_checkpointing = False
 
@@ -754,4 +742,3 @@ def _register_with_timm() -> None:
 
 
 _register_with_timm()
-

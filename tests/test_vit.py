@@ -90,7 +90,7 @@ def test_hierarchical_stage_standalone():
 
 
 def test_pos_conv_is_a_depthwise_residual_on_the_grid_only():
-    conv = PosConv(4, num_prefix_tokens=1)
+    conv = PosConv(4)
     torch.nn.init.zeros_(conv.proj.weight)
     torch.nn.init.zeros_(conv.proj.bias)
     x = torch.randn(2, 1 + 6, 4)

@@ -1,8 +1,10 @@
 """Token-grid primitives for MetaFormer-style vision blocks (PoolFormer, PVT v2).
 
-They all take patch tokens `(b, h*w, c)` (no prefix tokens) plus the grid `(height, width)` where
-they need it, so blocks can stay in the token layout of `hiertrans.vit` throughout.
+They take patch tokens `(b, h*w, c)` plus the grid `(height, width)` where they need it, so blocks
+can stay in the token layout of `hiertrans.vit` throughout.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +15,21 @@ from .mlp import FeedForward
 from .rotary import RotaryEmbedding, apply_rotary
 
 
-def _to_map(x: Tensor, height: int, width: int) -> Tensor:
-    return rearrange(x, "b (h w) c -> b c h w", h=height, w=width)
+def to_map(tokens: Tensor, height: int, width: int) -> Tensor:
+    """Patch tokens `(b, h*w, c)` as a map `(b, c, h, w)`.
+
+    A view, not a copy: the result has channels-last strides, which conv2d consumes directly.
+    """
+    return rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width)
+
+
+def on_grid(x: Tensor, height: int, width: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply a map function `(b, c, h, w) -> (b, c', h', w')` to the grid tokens of
+    `(b, prefix + h*w, c)`; tokens in front of the grid (a class token) pass through unchanged.
+    """
+    prefix = x.shape[1] - height * width
+    grid = rearrange(fn(to_map(x[:, prefix:], height, width)), "b c h w -> b (h w) c")
+    return torch.cat((x[:, :prefix], grid), dim=1) if prefix else grid
 
 
 class GroupNorm1(nn.Module):
@@ -63,8 +78,7 @@ class Pooling(nn.Module):
         self.pool = nn.AvgPool2d(pool_size, 1, pool_size // 2, count_include_pad=False)
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        grid = _to_map(x, height, width)
-        return rearrange(self.pool(grid) - grid, "b c h w -> b (h w) c")
+        return on_grid(x, height, width, lambda grid: self.pool(grid) - grid)
 
 
 class TokenFeedForward(FeedForward):
@@ -91,10 +105,7 @@ class DWConvFeedForward(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        x = self.fc1(x)
-        prefix = x.shape[1] - height * width
-        grid = rearrange(self.dwconv(_to_map(x[:, prefix:], height, width)), "b c h w -> b (h w) c")
-        x = torch.cat((x[:, :prefix], grid), dim=1) if prefix else grid
+        x = on_grid(self.fc1(x), height, width, self.dwconv)
         return self.drop(self.fc2(self.drop(self.act(x))))
 
 
