@@ -134,6 +134,19 @@ def test_dwconv_mlp_per_stage_and_with_a_class_token():
     assert torch.allclose(mlp(x, 2, 3)[:, 1:], mlp(x[:, 1:], 2, 3))
 
 
+def test_fan_out_conv_init_reaches_every_conv():
+    model = tiny(dwconv_mlp=True, pos_conv=True, conv_init="fan_out")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {"dwconv", "proj", "sr"} <= {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m in convs}
+    for conv in convs:
+        fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels // conv.groups
+        assert not conv.bias.any()
+        if conv.weight.numel() >= 1000:  # enough samples for the spread to show
+            assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.15)
+    default = tiny(dwconv_mlp=True)  # PyTorch's (PVT v1's) init: a narrower depthwise kernel
+    assert default.stages[0].blocks[0].mlp.dwconv.weight.std() < 0.6 * (2 / 9) ** 0.5
+
+
 def test_class_token_with_spatial_reduction():
     # the class token stays an unreduced key when the last stage also reduces its map
     model = tiny(img_size=128, sr_ratios=(2, 2, 2, 2))
@@ -214,6 +227,7 @@ def test_single_key_reduction_warns():
     (dict(num_heads=(1, 2, 5, 4)), "stage 2: embed_dim 48 is not divisible by num_heads 5"),
     (dict(global_pool="max"), "global_pool must be 'token' or 'avg'"),
     (dict(patch_size=(4, 2)), "patch_size has 2 entries"),
+    (dict(conv_init="xavier"), "conv_init must be 'pytorch' or 'fan_out', got 'xavier'"),
 ])
 def test_invalid_configurations(bad, match):
     with pytest.raises(ValueError, match=match):
