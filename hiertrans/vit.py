@@ -340,6 +340,11 @@ class HierarchicalStage(nn.Module):
         return x, (h, w)
 
 
+def per_stage_flag(flag: bool | Sequence[bool], num_stages: int) -> tuple[bool, ...]:
+    """One flag for every stage, or the per-stage flags given (their count is checked by the caller)."""
+    return (flag,) * num_stages if isinstance(flag, bool) else tuple(flag)
+
+
 def init_conv_fan_out(conv: nn.Conv2d) -> None:
     """PVT v2's conv init: weights `N(0, 2 / fan_out)` (fan_out = kernel area * out channels / groups),
     zero bias."""
@@ -418,9 +423,8 @@ class HierarchialViT(nn.Module):
             patch_size = (patch_size,) + (2,) * (num_stages - 1)
         patch_stride = tuple(patch_size) if patch_stride is None else tuple(patch_stride)
         patch_padding = (0,) * num_stages if patch_padding is None else tuple(patch_padding)
-        pos_embed = (pos_embed,) * num_stages if isinstance(pos_embed, bool) else tuple(pos_embed)
-        pos_conv = (pos_conv,) * num_stages if isinstance(pos_conv, bool) else tuple(pos_conv)
-        dwconv_mlp = (dwconv_mlp,) * num_stages if isinstance(dwconv_mlp, bool) else tuple(dwconv_mlp)
+        pos_embed, pos_conv, dwconv_mlp = (per_stage_flag(flag, num_stages)
+                                           for flag in (pos_embed, pos_conv, dwconv_mlp))
         per_stage = dict(num_heads=num_heads, mlp_ratios=mlp_ratios, depths=depths, sr_ratios=sr_ratios,
                          patch_size=patch_size, patch_stride=patch_stride, patch_padding=patch_padding,
                          pos_embed=pos_embed, pos_conv=pos_conv, dwconv_mlp=dwconv_mlp)
