@@ -7,7 +7,8 @@ Both models are built from the same config and seed, each in a process of its ow
 runs it: in one shared process, glibc's heap state left by one model moved the other's step time by
 up to 25%), and timed alternately, one step per model per round, on the same batch; the medians are
 compared. Also prints our model FLOPs/s against this machine's measured
-fp32 matmul peak (the physical ceiling).
+fp32 matmul peak (the physical ceiling), and with `--kernels` our model with its linears on
+PyTorch's default matmul (`set_onednn_linear(False)`), to show how much of the ratio is oneDNN.
 """
 
 import argparse
@@ -22,6 +23,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import StepWorker, fmt_ratio, matmul_peak_flops, params  # noqa: E402
 from hiertrans import HierarchicalTransformer  # noqa: E402
+from hiertrans.layers import set_onednn_linear  # noqa: E402
+
+ONEDNN_OFF = "ours (no oneDNN)"
 
 
 def config(args) -> dict:
@@ -46,6 +50,9 @@ def reference_params_in_use(reference: torch.nn.Module) -> int:
 
 def make_train_step(name: str, compile: bool, args, device: str):
     """Runs in a worker process: the model, the same fused AdamW for both, and a batch."""
+    if name == ONEDNN_OFF:
+        set_onednn_linear(False)
+        name = "ours"
     model = build(name, args).to(device)
     if compile:
         model.compile()
@@ -72,6 +79,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="alternating measurement rounds")
     parser.add_argument("--compile", action="store_true", help="also measure both models under torch.compile")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also measure ours with its linears on PyTorch's default matmul instead of oneDNN")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,7 +93,8 @@ def main() -> None:
           f"({params(reference):,} built)  ratio {params(ours) / reference_params_in_use(reference):.4f}")
 
     tokens = args.batch * args.seq_len
-    variants = [("ours", False), ("reference", False)] + [("ours", True), ("reference", True)] * args.compile
+    variants = [("ours", False), ("reference", False)] + [(ONEDNN_OFF, False)] * args.kernels
+    variants += [("ours", True), ("reference", True)] * args.compile
     workers = {name + "+compile" * compiled: StepWorker(partial(make_train_step, name, compiled, args, device),
                                                         device, args.threads)
                for name, compiled in variants}
@@ -105,11 +115,12 @@ def main() -> None:
 
     print(f"\nconfig: dim {args.dim}, depth {args.depth}, seq_len {args.seq_len}, batch {args.batch}, heads "
           f"{args.heads}, dim_head {args.dim_head}, hierarchies (1, 2), window_sizes (32, None), recon 0.1")
-    print(f"{'model':<14}{'s/step (median)':>16}{'tokens/s':>12}{'peak MiB':>11}")
+    print(f"{'model':<18}{'s/step (median)':>16}{'tokens/s':>12}{'peak MiB':>11}")
     median = {name: statistics.median(s) for name, s in seconds.items()}
     for name in workers:
-        print(f"{name:<14}{median[name]:>16.3f}{tokens / median[name]:>12.0f}{peak[name] / 2**20:>11.0f}")
-    pairs = [("ours", "reference"), ("ours+compile", "reference+compile"), ("ours+compile", "reference")]
+        print(f"{name:<18}{median[name]:>16.3f}{tokens / median[name]:>12.0f}{peak[name] / 2**20:>11.0f}")
+    pairs = [("ours", "reference"), (ONEDNN_OFF, "reference"), ("ours+compile", "reference+compile"),
+             ("ours+compile", "reference")]
     for name, ref in pairs:
         if name in workers and ref in workers:
             print(f"{name} / {ref}: tokens/s {fmt_ratio(median[ref], median[name])}, "

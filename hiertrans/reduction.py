@@ -26,7 +26,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .layers import Attention, FeedForward, make_norm
+from .layers import Attention, FeedForward, Linear, make_norm
 
 NAMED_REDUCERS = ("sum", "mean", "max", "attention")
 
@@ -195,7 +195,7 @@ class HierarchyReduction1d(nn.Module):
             if dim % heads:
                 raise ValueError(f"dim {dim} must be divisible by heads {heads}")
             self.heads = heads
-            self.to_score = nn.Linear(dim, heads, bias=False)  # a bias would cancel in the softmax
+            self.to_score = Linear(dim, heads, bias=False)  # a bias would cancel in the softmax
             nn.init.zeros_(self.to_score.weight)
 
     def forward(self, input: Tensor, slices=None, *, offsets=None, lengths=None,

@@ -2,6 +2,7 @@
 
 from .attention import Attention, attend, attention_probs, local_attend, merge_heads, split_heads
 from .drop import DropPath, drop_path, linear_drop_path_rates
+from .linear import Linear, set_onednn_linear
 from .mlp import FeedForward
 from .norm import RMSNorm, make_norm
 from .rotary import RotaryEmbedding, apply_rotary
@@ -11,6 +12,7 @@ __all__ = [
     "Attention",
     "DropPath",
     "FeedForward",
+    "Linear",
     "RMSNorm",
     "RotaryEmbedding",
     "apply_rotary",
@@ -21,6 +23,7 @@ __all__ = [
     "local_attend",
     "make_norm",
     "merge_heads",
+    "set_onednn_linear",
     "split_heads",
     "token_shift",
 ]
