@@ -65,7 +65,7 @@ def test_flop_counter_counts_onednn_products(onednn):
     assert counter.get_total_flops() == 3 * 2 * 4096 * 256 * 1024  # forward, dx, dW
 
 
-@pytest.mark.parametrize("case", ["small", "float64", "autocast", "switched off"])
+@pytest.mark.parametrize("case", ["small", "float64", "autocast", "switched off", "mkldnn flag off"])
 def test_other_cases_take_f_linear(onednn, case):
     layer = Linear(256, 1024)
     x = torch.randn(4096, 256)
@@ -75,7 +75,8 @@ def test_other_cases_take_f_linear(onednn, case):
         layer, x = layer.double(), x.double()
     if case == "switched off":
         set_onednn_linear(False)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"), \
+            torch.backends.mkldnn.flags(enabled=case != "mkldnn flag off"):
         out = layer(x.requires_grad_())
         expected = F.linear(x, layer.weight, layer.bias)
     assert "OneDNN" not in type(out.grad_fn).__name__
@@ -84,12 +85,64 @@ def test_other_cases_take_f_linear(onednn, case):
 
 
 @needs_onednn
+@pytest.mark.parametrize("outer", ["square", "sum"])  # with .sum() the incoming gradient is a constant
+def test_second_derivatives_match_nn_linear(onednn, outer):
+    torch.manual_seed(0)
+    ours, theirs = twin(128, 256, True)
+    x = torch.randn(256, 128, requires_grad=True)
+    grads = []
+    for model in (ours, theirs):
+        y = model(torch.tanh(x * 1.5))
+        y = y.square().sum() if outer == "square" else y.sum()
+        (gx,) = torch.autograd.grad(y, x, create_graph=True)
+        penalty = gx.square().sum()  # a gradient penalty, as in WGAN-GP / R1
+        grads.append(torch.autograd.grad(penalty, [x, model.weight]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_torch_func_and_forward_ad_take_f_linear(onednn):
+    ours, theirs = twin(128, 256, False)
+    x, tangent = torch.randn(256, 128), torch.randn(256, 128)
+    per_sample = torch.func.vmap(torch.func.grad(lambda xi: ours(xi[None]).square().sum()))(x)
+    expected = torch.func.vmap(torch.func.grad(lambda xi: theirs(xi[None]).square().sum()))(x)
+    torch.testing.assert_close(per_sample, expected)
+    _, jvp = torch.func.jvp(ours, (x,), (tangent,))
+    torch.testing.assert_close(jvp, theirs(tangent))  # no bias: the map is linear
+
+
+@needs_onednn
+def test_frozen_weight_keeps_no_input_for_backward(onednn):
+    layer = Linear(128, 512).requires_grad_(False)
+    x = torch.randn(256, 128, requires_grad=True)
+    saved = [t for t in layer(x).grad_fn.saved_tensors if t is not None]
+    assert [t.shape for t in saved] == [layer.weight.shape]  # as F.linear: no x when no dW
+
+
+def test_one_dimensional_input_and_scripting(onednn):
+    layer = Linear(4096, 1024)
+    x = torch.randn(4096, requires_grad=True)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    scripted = torch.jit.script(nn.Sequential(Linear(8, 4)))
+    assert scripted(torch.randn(2, 8)).shape == (2, 4)
+
+
+@needs_onednn
 def test_compiles_with_the_onednn_product(onednn):
     torch.manual_seed(0)
     ours, theirs = twin(128, 256, True)
     x = torch.randn(256, 128, requires_grad=True)
-    compiled = torch.compile(ours)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(ours, backend=recording_backend)
     compiled(x).square().sum().backward()
+    subgraphs = [m for gm in graphs for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]
+    assert any("onednn_mm" in str(node.target) for m in subgraphs for node in m.graph.nodes)
     ours_grads = x.grad.clone(), ours.weight.grad
     x.grad = None
     theirs(x).square().sum().backward()

@@ -5,11 +5,15 @@ AMD EPYC (Zen 5, AVX-512) it ran at 200-210 GFLOP/s where oneDNN's brgemm, which
 instruction set, ran the same products at 390-480 (`bench/lm_throughput.py --kernels` shows what
 that is worth). Same products in the same fp32 precision, equal within rounding.
 
-Taken only where it pays and changes nothing else: fp32 tensors on an x86-64 CPU with oneDNN, a
-product of at least `ONEDNN_MIN_MACS` multiply-adds (below that, oneDNN's per-call overhead
-loses), outside autocast (mixed precision keeps PyTorch's bf16/fp16 path). Everything else, every
-other device included, takes `F.linear`. Under `torch.compile` the product is an opaque op.
-`HIERTRANS_ONEDNN=0` in the environment, or `set_onednn_linear(False)`, turns it off.
+Taken only where it pays: fp32 tensors on an x86-64 CPU with oneDNN enabled
+(`torch.backends.mkldnn.enabled`), a product of at least `ONEDNN_MIN_MACS` multiply-adds (below
+that, oneDNN's per-call overhead loses), outside autocast (mixed precision keeps PyTorch's
+bf16/fp16 path) and outside `torch.func` transforms and forward-mode AD. Everything else, every
+other device included, takes `F.linear`. Gradients of gradients work (the backward switches to
+differentiable ops under `create_graph=True`). Under `torch.compile` the product is an opaque op
+(`hiertrans::onednn_mm`), so exported programs need `hiertrans` imported, and
+`quantize_dynamic(model, {nn.Linear})`, which matches exact types, passes these layers by.
+`HIERTRANS_ONEDNN=0` in the environment, or `set_onednn_linear(False)`, turns the path off.
 """
 
 import math
@@ -19,7 +23,7 @@ import platform
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from torch.autograd import forward_ad
 from torch.utils.flop_counter import register_flop_formula
 
 ONEDNN_MIN_MACS = 1 << 22
@@ -60,40 +64,57 @@ def _onednn_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        # dense operands (no-ops for the usual ones): on zero or gapped strides, such as the
-        # expanded gradient of a .sum(), oneDNN falls back to a reference kernel ~1000x slower
-        x, weight = x.contiguous(), weight.contiguous()
-        ctx.save_for_backward(x, weight)
+        # what each gradient needs, as F.linear keeps it: x for dW only, the weight for dx only
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
-        return _onednn_mm(x, weight, bias)
+        return _onednn_mm(_dense(x), _dense(weight), bias)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
-        grad = grad.contiguous()
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn_mm(grad, weight.t())
-        flat_grad = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[1]:
-            flat_x = x.reshape(-1, x.shape[-1])
-            # dW = grad^T x, a reduction over the tokens; oneDNN runs it fastest with the wider
-            # operand in the weight slot (390 vs 250 GFLOP/s for 256 -> 1024)
-            if weight.shape[0] >= weight.shape[1]:
-                grad_weight = _onednn_mm(flat_x.t(), flat_grad.t()).t()
-            else:
-                grad_weight = _onednn_mm(flat_grad.t(), flat_x.t())
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops, for higher derivatives
+            flat_grad = grad.reshape(-1, grad.shape[-1])
+            if ctx.needs_input_grad[0]:
+                grad_x = grad @ weight
+            if ctx.needs_input_grad[1]:
+                grad_weight = flat_grad.mT @ x.reshape(-1, x.shape[-1])
+        else:
+            grad = _dense(grad)
+            flat_grad = grad.reshape(-1, grad.shape[-1])
+            if ctx.needs_input_grad[0]:
+                grad_x = _onednn_mm(grad, weight.t())
+            if ctx.needs_input_grad[1]:
+                flat_x = _dense(x).reshape(-1, x.shape[-1])
+                # dW = grad^T x, a reduction over the tokens; oneDNN runs it fastest with the wider
+                # operand in the weight slot (390 vs 250 GFLOP/s for 256 -> 1024)
+                if flat_grad.shape[1] >= flat_x.shape[1]:  # out_features >= in_features
+                    grad_weight = _onednn_mm(flat_x.t(), flat_grad.t()).t()
+                else:
+                    grad_weight = _onednn_mm(flat_grad.t(), flat_x.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = flat_grad.sum(0)
         return grad_x, grad_weight, grad_bias
 
 
+def _dense(t: Tensor) -> Tensor:
+    # a no-op for the usual operands; on zero or gapped strides, such as the expanded gradient of
+    # a .sum(), oneDNN falls back to a reference kernel ~1000x slower
+    return t.contiguous()
+
+
+def _takes_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return (_enabled and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32)
+            and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+            and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
+            # torch.func transforms and forward-mode AD need rules this Function does not define
+            and not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear`, on oneDNN for large fp32 products on x86-64 CPUs (see the module docstring)."""
-    if (_enabled and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
-            and not torch.is_autocast_enabled("cpu")):
+    if _takes_onednn(x, weight, bias):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -102,4 +123,10 @@ class Linear(nn.Linear):
     """`nn.Linear` (same parameters, init and state dict) computed by `linear`; `(..., in) -> (..., out)`."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return F.linear(x, self.weight, self.bias)
+        return self._linear(x)
+
+    @torch.jit.unused
+    def _linear(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
