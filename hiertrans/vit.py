@@ -715,9 +715,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # depths plus one block in the last stage. From PVT v2: the depthwise-conv MLP in the two stages
     # whose maps are big enough for a 3x3 neighbourhood to mean something (8x8, 4x4), at MLP ratio 4;
     # overlapping 3x3 stride-2 downsampling between stages; its fan-out conv init. 3.62M params vs
-    # b0's 3.41M at 10 classes, 1.3-1.4x its training img/s; each of the three learns faster at
-    # equal wall clock (docs/benchmarks.md). Mean pooling, as b0: a class token would only double
-    # the 1x1 last stage's tokens.
+    # b0's 3.41M at 10 classes, 1.7x its training img/s on this CPU (1.4x where our linears, too,
+    # take PyTorch's default matmul: layers.Linear); each of the three learns faster at equal wall
+    # clock (docs/benchmarks.md). Mean pooling, as b0: a class token would only double the 1x1 last
+    # stage's tokens.
     "hvit_cifar": dict(img_size=32, num_classes=10, patch_size=(4, 3, 3, 3), patch_stride=(4, 2, 2, 2),
                        patch_padding=(0, 1, 1, 1), embed_dims=(32, 64, 160, 256), num_heads=(1, 2, 5, 8),
                        mlp_ratios=(4, 4, 4, 4), depths=(2, 2, 2, 3), sr_ratios=(2, 1, 1, 1),

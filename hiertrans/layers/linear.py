@@ -33,7 +33,7 @@ def onednn_supported() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 
-_enabled = os.environ.get("HIERTRANS_ONEDNN", "1") != "0" and onednn_supported()
+_enabled = False
 
 
 def set_onednn_linear(enabled: bool) -> bool:
@@ -41,6 +41,9 @@ def set_onednn_linear(enabled: bool) -> bool:
     global _enabled
     previous, _enabled = _enabled, bool(enabled) and onednn_supported()
     return previous
+
+
+set_onednn_linear(os.environ.get("HIERTRANS_ONEDNN", "1") != "0")
 
 
 @torch.library.custom_op("hiertrans::onednn_mm", mutates_args=(), device_types="cpu")
@@ -73,19 +76,18 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
+        grad = _dense(grad)
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        flat_x = _dense(x).reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops, for higher derivatives
-            flat_grad = grad.reshape(-1, grad.shape[-1])
             if ctx.needs_input_grad[0]:
                 grad_x = grad @ weight
             if ctx.needs_input_grad[1]:
-                grad_weight = flat_grad.mT @ x.reshape(-1, x.shape[-1])
+                grad_weight = flat_grad.mT @ flat_x
         else:
-            grad = _dense(grad)
-            flat_grad = grad.reshape(-1, grad.shape[-1])
             if ctx.needs_input_grad[0]:
                 grad_x = _onednn_mm(grad, weight.t())
             if ctx.needs_input_grad[1]:
-                flat_x = _dense(x).reshape(-1, x.shape[-1])
                 # dW = grad^T x, a reduction over the tokens; oneDNN runs it fastest with the wider
                 # operand in the weight slot (390 vs 250 GFLOP/s for 256 -> 1024)
                 if flat_grad.shape[1] >= flat_x.shape[1]:  # out_features >= in_features
