@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .layers import Attention, FeedForward, Linear, RMSNorm, token_shift
+from .layers import Attention, FeedForward, RMSNorm, token_shift
 
 IntOrTuple = int | Sequence[int]
 
@@ -70,15 +70,15 @@ class Compress(nn.Module):
         super().__init__()
         self.compress_factor, self.stride = compress_factor, stride
         if compress_factor == 1:
-            self.net = Linear(dim_in, dim_out, bias=False) if dim_in != dim_out else nn.Identity()
+            self.net = nn.Linear(dim_in, dim_out, bias=False) if dim_in != dim_out else nn.Identity()
         else:
             self.net = nn.Sequential(
-                Linear(compress_factor * dim_in, dim_in * expansion),
+                nn.Linear(compress_factor * dim_in, dim_in * expansion),
                 nn.SiLU(),
-                Linear(dim_in * expansion, dim_out),
+                nn.Linear(dim_in * expansion, dim_out),
             )
         reconstruct = reconstruct and compress_factor > 1
-        self.to_recon = Linear(dim_out, compress_factor * num_tokens, bias=False) if reconstruct else None
+        self.to_recon = nn.Linear(dim_out, compress_factor * num_tokens, bias=False) if reconstruct else None
 
     def windows(self, x: Tensor, pad_value: float | int = 0) -> Tensor:
         """`(b, n, ...) -> (b, ceil(n/stride), ..., c)`: the c inputs that each output covers."""
@@ -152,9 +152,9 @@ class HierarchicalMerge(nn.Module):
         self.strides = tuple(strides)
         self.net = nn.Sequential(
             RMSNorm(sum(dims)),
-            Linear(sum(dims), dim_out * 2),
+            nn.Linear(sum(dims), dim_out * 2),
             nn.SiLU(),
-            Linear(dim_out * 2, dim_out),
+            nn.Linear(dim_out * 2, dim_out),
         )
 
     def forward(self, tokens: Sequence[Tensor], length: int) -> Tensor:
@@ -274,10 +274,10 @@ class HierarchicalTransformer(nn.Module):
             [HierarchicalMerge(dims, merge_dim, strides) for _ in range(depth)] if count > 1 else []
         )
         self.norms = nn.ModuleList([RMSNorm(d) for d in dims])
-        self.to_logits = Linear(sum(dims) if predict_use_all_hierarchy else dims[self.predict_index],
+        self.to_logits = nn.Linear(sum(dims) if predict_use_all_hierarchy else dims[self.predict_index],
                                    num_tokens, bias=False)
         self.to_hierarchical_preds = nn.ModuleList([
-            Linear(d, d) if h > 1 and hierarchical_ar_loss_weight > 0 else nn.Identity()
+            nn.Linear(d, d) if h > 1 and hierarchical_ar_loss_weight > 0 else nn.Identity()
             for d, h in zip(dims, hierarchies)
         ])
 

@@ -26,7 +26,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .layers import Attention, FeedForward, Linear, make_norm
+from .layers import Attention, FeedForward, make_norm
 
 NAMED_REDUCERS = ("sum", "mean", "max", "attention")
 
@@ -156,7 +156,7 @@ class HierarchyReduction1d(nn.Module):
                             `torch.segment_reduce` for max (its backward is several times faster
                             and lighter than `index_reduce`'s or `scatter_reduce`'s). Max gradients
                             split evenly between ties.
-      "attention"           learned pooling: a per-token score (`Linear(dim, heads)`, a learned
+      "attention"           learned pooling: a per-token score (`nn.Linear(dim, heads)`, a learned
                             query per head), softmax over each segment's tokens, weighted sum; needs
                             `dim=`. The query starts at zero, so pooling starts as the mean.
       nn.Module / callable  `(len, dim) -> (dim,)`, called once per segment in a Python loop (it is
@@ -195,7 +195,7 @@ class HierarchyReduction1d(nn.Module):
             if dim % heads:
                 raise ValueError(f"dim {dim} must be divisible by heads {heads}")
             self.heads = heads
-            self.to_score = Linear(dim, heads, bias=False)  # a bias would cancel in the softmax
+            self.to_score = nn.Linear(dim, heads, bias=False)  # a bias would cancel in the softmax
             nn.init.zeros_(self.to_score.weight)
 
     def forward(self, input: Tensor, slices=None, *, offsets=None, lengths=None,

@@ -26,7 +26,6 @@ from torch.utils.checkpoint import checkpoint
 from .layers import (
     DropPath,
     FeedForward,
-    Linear,
     attend,
     attention_probs,
     linear_drop_path_rates,
@@ -130,9 +129,9 @@ class MultiScaleAttention(nn.Module):
         self.scale = self.head_dim**-0.5  # what SDPA applies by default
         self.sr_ratio = sr_ratio
         self.attn_drop = attn_drop
-        self.q = Linear(dim, dim, bias=qkv_bias)
-        self.kv = Linear(dim, 2 * dim, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
@@ -477,7 +476,7 @@ class HierarchialViT(nn.Module):
         self.norm = (make_norm("layernorm", self.num_features, eps=norm_eps) if norm_layer is None
                      else norm_layer(self.num_features))
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
         if conv_init == "fan_out":
             for m in self.modules():
@@ -618,7 +617,7 @@ class HierarchialViT(nn.Module):
                                  "without (global_pool='avg'); rebuild it with global_pool='token'")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head)
 

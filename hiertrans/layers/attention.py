@@ -5,7 +5,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .linear import Linear
 from .rotary import RotaryEmbedding
 
 
@@ -120,8 +119,8 @@ class Attention(nn.Module):
             raise ValueError("window_size is only supported for causal attention")
         self.heads, self.causal, self.window_size = heads, causal, window_size
         self.attn_drop = attn_drop
-        self.qkv = Linear(dim, 3 * heads * dim_head, bias=qkv_bias)
-        self.proj = Linear(heads * dim_head, dim, bias=out_bias)
+        self.qkv = nn.Linear(dim, 3 * heads * dim_head, bias=qkv_bias)
+        self.proj = nn.Linear(heads * dim_head, dim, bias=out_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self.rotary = RotaryEmbedding(dim_head) if rotary else None
 

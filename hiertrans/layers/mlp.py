@@ -1,7 +1,5 @@
 from torch import Tensor, nn
 
-from .linear import Linear
-
 
 class FeedForward(nn.Module):
     """Position-wise MLP: linear -> GELU -> dropout -> linear -> dropout; `(..., dim) -> (..., dim)`."""
@@ -14,9 +12,9 @@ class FeedForward(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim, bias=bias)
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.act = nn.GELU()
-        self.fc2 = Linear(hidden_dim, dim, bias=bias)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .linear import Linear
 from .mlp import FeedForward
 from .rotary import RotaryEmbedding, apply_rotary
 
@@ -99,10 +98,10 @@ class DWConvFeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = True, dropout: float = 0.0):
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim, bias=bias)
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = Linear(hidden_dim, dim, bias=bias)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
