@@ -3,6 +3,7 @@
 Importing it registers the `hvit_*` presets with timm (`timm.create_model("hvit_small")`).
 """
 
+from . import cpu_kernels
 from .hierarchical_configs import (
     FEEDFORWARDS,
     TOKEN_MIXERS,
@@ -18,10 +19,12 @@ from .hierarchical_configs import (
     register_feedforward,
     register_token_mixer,
 )
-from .layers import Attention, FeedForward, RMSNorm
+from .layers import Attention, FeedForward, RMSNorm, set_debug
 from .lm import HierarchicalBlock, HierarchicalTransformer
 from .metrics import calculate_metrics
+from .protocols import CausalLM
 from .reduction import HierarchicalEncoder, HierarchyReduction1d, text_boundaries
+from .transformer import Transformer
 from .vit import (
     PRESETS,
     HierarchialViT,
@@ -65,6 +68,7 @@ __all__ = [
     "register_feedforward",
     "register_token_mixer",
     "Attention",
+    "CausalLM",
     "FeedForward",
     "HViTTrainer",
     "HierarchialViT",
@@ -78,10 +82,13 @@ __all__ = [
     "PatchEmbed",
     "RMSNorm",
     "SpatialReductionBlock",
+    "Transformer",
     "attention_figure",
     "attention_maps",
     "calculate_metrics",
+    "cpu_kernels",
     "create_model",
+    "set_debug",
     "text_boundaries",
     "visualize_attention",
 ]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .layers import Attention, FeedForward, RMSNorm, token_shift
+from .layers import CausalBlock, RMSNorm, check_token_ids
 
 IntOrTuple = int | Sequence[int]
 
@@ -100,19 +100,18 @@ class Compress(nn.Module):
         return F.cross_entropy(logits, targets.reshape(-1), ignore_index=ignore_index)
 
 
-class HierarchicalBlock(nn.Module):
+class HierarchicalBlock(CausalBlock):
     """One transformer block of a hierarchy, `(b, n, dim) -> (b, n, dim)`.
 
     The sequence of a hierarchy with compression c and stride s is split into a = c / s
     interleaved sub-sequences (positions i, i + a, i + 2a, ...), whose consecutive compressed
     tokens tile the input without overlap; each runs causal attention (full, or local over the
     last `window_size` positions; `window_size=0` leaves attention out) and a feed-forward, both
-    after a token shift and pre-norm.
+    after a token shift and pre-norm (`layers.CausalBlock`).
     """
 
     def __init__(self, dim: int, dim_head: int = 64, heads: int = 8, window_size: int | None = None,
                  compress_factor: int = 1, stride: int = 1, ff_mult: int = 4):
-        super().__init__()
         if not is_power_of_two(compress_factor):
             raise ValueError(f"compress_factor must be a power of two (1, 2, 4, ...), got {compress_factor}")
         if not is_power_of_two(stride) or stride > compress_factor:
@@ -123,25 +122,16 @@ class HierarchicalBlock(nn.Module):
                              f"int, got {window_size!r}")
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        super().__init__(dim, heads, dim_head, ff_mult, window_size, token_shift=True)
         self.axial = compress_factor // stride
-        self.attn_norm = self.attn = None
-        if window_size != 0:
-            self.attn_norm = RMSNorm(dim)
-            self.attn = Attention(dim, heads, dim_head, causal=True, window_size=window_size, rotary=True,
-                                  out_bias=False)
-        self.ff_norm = RMSNorm(dim)
-        self.ff = FeedForward(dim, int(dim * ff_mult), bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         n, a = x.shape[-2], self.axial
-        if a > 1:
-            x = rearrange(pad_to_multiple(x, a), "b (n a) d -> (b a) n d", a=a)
-        if self.attn is not None:
-            x = x + self.attn(self.attn_norm(token_shift(x)))
-        x = x + self.ff(self.ff_norm(token_shift(x)))
-        if a > 1:
-            x = rearrange(x, "(b a) n d -> b (n a) d", a=a)[:, :n]
-        return x
+        if a == 1:
+            return super().forward(x)
+        x = rearrange(pad_to_multiple(x, a), "b (n a) d -> (b a) n d", a=a)
+        x = super().forward(x)
+        return rearrange(x, "(b a) n d -> b (n a) d", a=a)[:, :n]
 
 
 class HierarchicalMerge(nn.Module):
@@ -176,6 +166,50 @@ def gumbel_sample(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return (logits / temperature + noise).argmax(dim=-1)
 
 
+def next_token_targets(ids: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Inputs and targets of the next-token loss: `ids (b, n + 1)` -> `ids[:, :-1]`, `ids[:, 1:]`, or
+    `ids (b, n)` and the `labels (b, n)` given."""
+    if labels is None:
+        if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[1] < 2:
+            raise ValueError("return_loss needs ids of shape (batch, length + 1) with length >= 1")
+        return ids[:, :-1], ids[:, 1:]
+    if not isinstance(labels, Tensor) or not isinstance(ids, Tensor) or labels.shape != ids.shape:
+        raise ValueError(f"labels of shape {tuple(getattr(labels, 'shape', ()))} must match ids "
+                         f"{tuple(getattr(ids, 'shape', ()))}")
+    return ids, labels
+
+
+@torch.no_grad()
+def sample(model: nn.Module, prompt: Tensor, seq_len: int, temperature: float = 1.0,
+           filter_thres: float = 0.9) -> Tensor:
+    """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`) with top-k and Gumbel noise, from
+    any causal LM `ids (b, n) -> logits (b, n, num_tokens)` with `num_tokens` and `seq_len`
+    attributes (`hiertrans.protocols.CausalLM`).
+
+    The context slides over the last `model.seq_len` tokens. Runs in eval mode and restores the
+    training flag afterwards. Returns the new tokens only: `(b, seq_len)` or `(seq_len,)`.
+    """
+    if not 0.0 <= filter_thres < 1.0:
+        raise ValueError(f"filter_thres must be in [0, 1), got {filter_thres}")
+    if seq_len < 0:
+        raise ValueError(f"seq_len must be >= 0, got {seq_len}")
+    squeeze = prompt.ndim == 1
+    out = prompt[None] if squeeze else prompt
+    check_token_ids(out, model.num_tokens, model.seq_len, values=True)  # eager: one sync per call is nothing
+    was_training = model.training
+    model.eval()
+    try:
+        start = out.shape[1]
+        for _ in range(seq_len):
+            logits = model(out[:, -model.seq_len:])[:, -1]
+            next_token = gumbel_sample(top_k(logits, filter_thres), temperature)
+            out = torch.cat((out, next_token[:, None].to(out.dtype)), dim=-1)
+    finally:
+        model.train(was_training)
+    out = out[:, start:]
+    return out[0] if squeeze else out
+
+
 def cosine_sim_loss(x: Tensor, y: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(x, y, dim=-1).mean()
 
@@ -193,6 +227,15 @@ class HierarchicalTransformer(nn.Module):
     `hierarchical_ar_loss_weight` x cosine loss of predicting each compressed hierarchy's next
     chunk embedding. Attention always runs on `F.scaled_dot_product_attention`; `use_flash_attn` is
     accepted for compatibility and changes nothing.
+
+    For training tasks (`hiertrans.protocols.CausalLM`): `model(ids, return_aux_losses=True)`
+    returns `(logits, aux)`, `aux` the unweighted scalar auxiliary losses named in
+    `aux_loss_weights` (`recon`, `hier_ar`: those with a weight > 0 that a compressed hierarchy
+    produces); the task computes the cross-entropy itself and adds `sum(weight * aux[name])`.
+    `return_loss=True` computes that same total here, the cross-entropy skipping `ignore_index`.
+
+    The forward has no host syncs and compiles with `torch.compile(fullgraph=True)`: token-id
+    values are checked only in debug mode (`hiertrans.set_debug`), and always in `generate`.
     """
 
     def __init__(
@@ -281,20 +324,17 @@ class HierarchicalTransformer(nn.Module):
             for d, h in zip(dims, hierarchies)
         ])
 
-    @torch.compiler.disable
-    def check_ids(self, ids: Tensor) -> None:
-        """Raise a ValueError/TypeError for inputs the model cannot take (one device sync)."""
-        if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"ids must be an integer tensor of shape (batch, length), got "
-                            f"{getattr(ids, 'dtype', type(ids))}")
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"ids must have shape (batch, length) with length >= 1, got {tuple(ids.shape)}")
-        if ids.shape[1] > self.seq_len:
-            raise ValueError(f"input length {ids.shape[1]} is longer than seq_len={self.seq_len}")
-        lo, hi = (int(v) for v in torch.aminmax(ids))
-        if lo < 0 or hi >= self.num_tokens:
-            raise ValueError(f"token ids must lie in [0, {self.num_tokens - 1}] (num_tokens={self.num_tokens}), "
-                             f"got values from {lo} to {hi}")
+    def check_ids(self, ids: Tensor, values: bool | None = None) -> None:
+        """Raise a TypeError/ValueError for ids the model cannot take: dtype, shape and length always,
+        token-id values with `values` (default: in debug mode, `hiertrans.set_debug`)."""
+        check_token_ids(ids, self.num_tokens, self.seq_len, values)
+
+    @property
+    def aux_loss_weights(self) -> dict[str, float]:
+        """Weights of the auxiliary losses `forward(..., return_aux_losses=True)` returns."""
+        weights = {"recon": self.recon_loss_weight, "hier_ar": self.hierarchical_ar_loss_weight}
+        compressed = max(self.hierarchies) > 1  # only compressed hierarchies reconstruct or predict chunks
+        return {name: w for name, w in weights.items() if w > 0 and compressed}
 
     def forward(
         self,
@@ -304,19 +344,20 @@ class HierarchicalTransformer(nn.Module):
         return_hierarchical_embeds: bool = False,
         ablate_hierarchical_merge: bool = False,
         labels: Tensor | None = None,
+        return_aux_losses: bool = False,
     ):
         """`ids (b, n)` -> logits `(b, n, num_tokens)`; with `return_loss`, `ids` holds n + 1 tokens
         and the result is `(total, (ce, recon, hierarchical_ar))`.
 
         `labels (b, n)`, if given with `return_loss`, are the targets for `ids (b, n)` instead
-        (positions to skip hold `ignore_index`).
+        (positions to skip hold `ignore_index`). With `return_aux_losses`: `(logits, aux)`, `aux` a
+        dict of the unweighted scalar losses named in `aux_loss_weights`.
         """
-        if return_loss and labels is None:
-            if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[1] < 2:
-                raise ValueError("return_loss needs ids of shape (batch, length + 1) with length >= 1")
-            ids, labels = ids[:, :-1], ids[:, 1:]
-        elif labels is not None and labels.shape != ids.shape:
-            raise ValueError(f"labels of shape {tuple(labels.shape)} must match ids {tuple(ids.shape)}")
+        if return_loss and return_aux_losses:
+            raise ValueError("return_loss and return_aux_losses exclude each other: return_loss gives the "
+                             "weighted total, return_aux_losses the logits and the unweighted auxiliary losses")
+        if return_loss:
+            ids, labels = next_token_targets(ids, labels)
         self.check_ids(ids)
         n = ids.shape[1]
 
@@ -344,44 +385,36 @@ class HierarchicalTransformer(nn.Module):
         else:
             predict_embed = expand_to_tokens(embeds[self.predict_index], self.strides[self.predict_index], n)
         logits = self.to_logits(predict_embed)
-        if not return_loss:
+        if not (return_loss or return_aux_losses):
             return logits
+        zero = logits.new_zeros(())
+        aux = self.aux_losses(ids, embeds, zero)
+        if return_aux_losses:
+            return logits, aux
 
         ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=self.ignore_index)
-        recon = logits.new_zeros(())
-        if self.recon_loss_weight > 0:
-            recon = sum((c.recon_loss(e, ids, self.ignore_index) for c, e in zip(self.compressors, embeds)), recon)
-        hier_ar = logits.new_zeros(())
-        if self.hierarchical_ar_loss_weight > 0:
+        recon, hier_ar = aux.get("recon", zero), aux.get("hier_ar", zero)
+        total = ce + recon * self.recon_loss_weight + hier_ar * self.hierarchical_ar_loss_weight
+        return total, (ce, recon, hier_ar)
+
+    def aux_losses(self, ids: Tensor, embeds: Sequence[Tensor], zero: Tensor) -> dict[str, Tensor]:
+        """The unweighted auxiliary losses named in `aux_loss_weights`, from the input `ids (b, n)`
+        and the final per-hierarchy embeddings; `zero` is the empty sum."""
+        weights, losses = self.aux_loss_weights, {}
+        if "recon" in weights:
+            losses["recon"] = sum((c.recon_loss(e, ids, self.ignore_index) for c, e in zip(self.compressors, embeds)),
+                                  zero)
+        if "hier_ar" in weights:
+            hier_ar = zero
             for h, s, embed, to_pred in zip(self.hierarchies, self.strides, embeds, self.to_hierarchical_preds):
                 a = h // s  # the next chunk, not overlapping this one, is a steps ahead
                 if h > 1 and embed.shape[1] > a:
                     hier_ar = hier_ar + cosine_sim_loss(to_pred(embed[:, :-a]), embed[:, a:])
-        total = ce + recon * self.recon_loss_weight + hier_ar * self.hierarchical_ar_loss_weight
-        return total, (ce, recon, hier_ar)
+            losses["hier_ar"] = hier_ar
+        return losses
 
-    @torch.no_grad()
     def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9) -> Tensor:
-        """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`) with top-k and Gumbel noise.
-
-        Runs in eval mode and restores the training flag afterwards. Returns the new tokens only.
-        """
-        if not 0.0 <= filter_thres < 1.0:
-            raise ValueError(f"filter_thres must be in [0, 1), got {filter_thres}")
-        if seq_len < 0:
-            raise ValueError(f"seq_len must be >= 0, got {seq_len}")
-        squeeze = prompt.ndim == 1
-        out = prompt[None] if squeeze else prompt
-        self.check_ids(out)
-        was_training = self.training
-        self.eval()
-        try:
-            start = out.shape[1]
-            for _ in range(seq_len):
-                logits = self(out[:, -self.seq_len:])[:, -1]
-                sample = gumbel_sample(top_k(logits, filter_thres), temperature)
-                out = torch.cat((out, sample[:, None].to(out.dtype)), dim=-1)
-        finally:
-            self.train(was_training)
-        out = out[:, start:]
-        return out[0] if squeeze else out
+        """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`) with top-k and Gumbel noise
+        (`sample`). Runs in eval mode and restores the training flag afterwards. Returns the new
+        tokens only."""
+        return sample(self, prompt, seq_len, temperature, filter_thres)

@@ -4,7 +4,7 @@ import json.decoder
 import pytest
 import torch
 
-from hiertrans import HierarchicalBlock, HierarchicalTransformer
+from hiertrans import HierarchicalBlock, HierarchicalTransformer, set_debug
 from hiertrans.layers import local_attend
 
 VOCAB = 40
@@ -103,7 +103,15 @@ def test_invalid_hyperparameters(kwargs, match):
         tiny(**kwargs)
 
 
-def test_invalid_inputs():
+@pytest.fixture
+def debug():
+    previous = set_debug(True)
+    yield
+    set_debug(previous)
+
+
+def test_invalid_inputs(debug):
+    """Dtype, shape and length are checked always; token-id values (a host sync) in debug mode."""
     model = tiny()
     with pytest.raises(ValueError, match="longer than seq_len=64"):
         model(torch.zeros(1, 65, dtype=torch.long))
@@ -113,6 +121,65 @@ def test_invalid_inputs():
         model(torch.tensor([[-2, 1]]))
     with pytest.raises(TypeError, match="integer tensor"):
         model(torch.rand(1, 4))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 39\]"):  # generate checks them always
+        set_debug(False)
+        model.generate(torch.tensor([[1, 40]]), 2)
+
+
+def test_forward_reads_no_token_values_outside_debug_mode(monkeypatch):
+    """No host sync in the forward: the value check (`torch.aminmax`) runs in debug mode only."""
+    calls = []
+    monkeypatch.setattr(torch, "aminmax", lambda *args, **kwargs: calls.append(1) or (torch.tensor(0), torch.tensor(0)))
+    model, ids = tiny(), torch.randint(0, VOCAB, (2, 9))
+    previous = set_debug(False)
+    try:
+        model(ids, return_loss=True)
+        assert not calls
+        set_debug(True)
+        model(ids)
+        assert calls
+    finally:
+        set_debug(previous)
+
+
+def test_aux_losses_protocol():
+    """`return_aux_losses` gives the unweighted losses `aux_loss_weights` names; a task adding them to
+    its own cross-entropy gets `return_loss`'s total."""
+    model = tiny(hierarchies=(1, 2, 4), window_sizes=(4, None, 2), hierarchical_stride=(1, 2, 2), ignore_index=-1)
+    ids = torch.randint(0, VOCAB, (3, 18))
+    ids[0, -3:] = -1  # padded targets, as the LM task pads the last window
+    total, (ce, recon, hier_ar) = model(ids[:, :-1].clamp(min=0), return_loss=True, labels=ids[:, 1:])
+    assert model.aux_loss_weights == {"recon": 0.1, "hier_ar": 0.25}
+    logits, aux = model(ids[:, :-1].clamp(min=0), return_aux_losses=True)
+    assert set(aux) == {"recon", "hier_ar"} and all(loss.ndim == 0 for loss in aux.values())
+    assert torch.equal(aux["recon"], recon) and torch.equal(aux["hier_ar"], hier_ar)
+    task_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), ignore_index=-1)
+    assert torch.equal(task_ce, ce)
+    task_total = task_ce + sum(w * aux[name] for name, w in model.aux_loss_weights.items())
+    torch.testing.assert_close(task_total, total, rtol=1e-6, atol=0)
+
+    assert tiny(hierarchies=(1, 2), recon_loss_weight=0.0).aux_loss_weights == {"hier_ar": 0.25}
+    assert tiny(hierarchies=1).aux_loss_weights == {}  # nothing compressed: no auxiliary losses
+    logits, aux = tiny(hierarchies=1)(ids[:, :-1].clamp(min=0), return_aux_losses=True)
+    assert aux == {} and logits.shape == (3, 17, VOCAB)
+    with pytest.raises(ValueError, match="exclude each other"):
+        model(ids, return_loss=True, return_aux_losses=True)
+
+
+def test_compiles_fullgraph_forward_and_backward():
+    """No graph breaks and no host syncs: `torch.compile(fullgraph=True)` takes the training step."""
+    torch._dynamo.reset()
+    model = tiny(depth=1, hierarchies=(1, 2), window_sizes=(4, None))
+    ids = torch.randint(0, VOCAB, (2, 22), generator=torch.Generator().manual_seed(0))
+    total, _ = torch.compile(model, fullgraph=True)(ids, return_loss=True)
+    total.backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected, _ = model(ids, return_loss=True)
+    expected.backward()
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
+    for got, param in zip(compiled_grads, model.parameters()):
+        torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_block_keeps_shape_and_is_causal():
@@ -145,8 +212,8 @@ def test_local_attention_matches_banded_full_attention_and_local_attention_packa
 
 
 def test_local_attention_gradients_match_banded_full_attention():
-    """The blocked layout has its own backward (`_WithPreviousBlock`): gradients equal the banded
-    reference's, in float64, for a length that fills its blocks and one that does not."""
+    """Through the blocked layout (`with_previous_block`), gradients equal the banded reference's,
+    in float64, for a length that fills its blocks and one that does not."""
     for n, window in ((24, 8), (21, 8)):
         q, k, v = (torch.randn(2, 2, n, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
         i, j = torch.arange(n)[:, None], torch.arange(n)[None]
@@ -206,30 +273,3 @@ def test_loss_falls_on_real_text():
         losses.append(ce.item())
     assert losses[0] > 4.5  # ~ln(256) at initialisation
     assert sum(losses[-5:]) / 5 < 3.3
-
-
-def test_rms_norm_function_matches_composite_values_and_gradients():
-    """The hand-written backward (CPU fast path) equals autograd through `F.rms_norm`, to float64 precision."""
-    from hiertrans.layers.norm import _RMSNormFunction, rms_norm
-
-    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(16, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-6), (x, w))
-    grad = torch.randn(3, 5, 16, dtype=torch.float64)
-    ours = torch.autograd.grad(rms_norm(x, w), (x, w), grad)
-    composite = torch.autograd.grad(torch.nn.functional.rms_norm(x, (16,), w, 1e-6), (x, w), grad)
-    assert all(torch.allclose(a, b) for a, b in zip(ours, composite))
-    assert torch.allclose(rms_norm(x, w), torch.nn.functional.rms_norm(x, (16,), w, 1e-6))
-
-
-def test_token_shift_values_and_gradients():
-    from hiertrans.layers import token_shift
-
-    x = torch.randn(2, 6, 7, dtype=torch.float64, requires_grad=True)  # odd width: first half gets 4
-    shifted = token_shift(x)
-    first, second = x.detach()[..., :4], x.detach()[..., 4:]
-    expected = torch.cat((first, torch.nn.functional.pad(second, (0, 0, 1, -1))), dim=-1)
-    assert torch.equal(shifted, expected)
-    assert torch.autograd.gradcheck(token_shift, (x,))
-    assert torch.autograd.gradgradcheck(token_shift, (x,))
-    assert token_shift(torch.ones(1, 1, 4))[..., 2:].abs().sum() == 0  # a single position sees zeros

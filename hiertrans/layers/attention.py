@@ -1,5 +1,7 @@
 """The attention core shared by every model here: projections around `F.scaled_dot_product_attention`."""
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -48,37 +50,22 @@ def _local_mask(window: int, blocks: int, device: torch.device) -> Tensor:
     return mask[None]  # 4-D: SDPA's fused CPU kernel takes 4-D masks only (3-D falls back to math)
 
 
-class _WithPreviousBlock(torch.autograd.Function):
-    """`(b, h, w * n, d) -> (b * h, w, 2n, d)`: each block of n positions preceded by the block before
-    it (zeros before the first). One write each way, where pad + unfold + reshape copied twice and
-    zero-filled a scatter buffer in the backward."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor, block: int) -> Tensor:
-        b, h, length, d = t.shape
-        blocks = t.unflatten(2, (length // block, block))  # a view, whatever t's strides
-        out = t.new_empty(b, h, length // block, 2 * block, d)
-        out[..., block:, :] = blocks
-        out[:, :, 1:, :block] = blocks[:, :, :-1]
-        out[:, :, :1, :block] = 0
-        ctx.block, ctx.heads = block, h
-        return out.flatten(0, 1)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        block = ctx.block
-        grad = grad.unflatten(0, (-1, ctx.heads))
-        grad_t = grad[..., block:, :].clone()
-        grad_t[:, :, :-1] += grad[:, :, 1:, :block]
-        return grad_t.flatten(2, 3), None
+def with_previous_block(t: Tensor, block: int) -> Tensor:
+    """`(b, h, w * n, d) -> (b * h, w, 2n, d)`: each block of n positions preceded by the block
+    before it (zeros before the first)."""
+    blocks = rearrange(t, "b h (w n) d -> (b h) w n d", n=block)
+    previous = F.pad(blocks, (0, 0, 0, 0, 1, -1))  # the blocks one step later, zeros in front
+    return torch.cat((previous, blocks), dim=-2)
 
 
-def local_attend(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+def local_attend(q: Tensor, k: Tensor, v: Tensor, window: int,
+                 layout: Callable[[Tensor, int], Tensor] = with_previous_block) -> Tensor:
     """Causal sliding-window attention: position t attends to positions t - window .. t.
 
     `(b, h, n, d) -> (b, h, n, d)`. Computed blockwise on SDPA (queries in blocks of `window`
     against their own and the previous block), so cost is linear in n. Any n works: the tail is
-    padded after the last position, which causality keeps invisible.
+    padded after the last position, which causality keeps invisible. `layout` builds the keys and
+    values of each block (`with_previous_block` or a kernel with its semantics).
     """
     n = q.shape[-2]
     if n <= window + 1:  # every position already sees its whole past
@@ -89,7 +76,7 @@ def local_attend(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     blocks = (n + pad) // window
     # blocks of queries against (previous block ++ own block) of keys; 4-D keeps SDPA on its fused kernel
     qb = rearrange(q, "b h (w n) d -> (b h) w n d", n=window)
-    k, v = (_WithPreviousBlock.apply(t, window) for t in (k, v))
+    k, v = (layout(t, window) for t in (k, v))
     out = F.scaled_dot_product_attention(qb, k, v, attn_mask=_local_mask(window, blocks, q.device))
     return rearrange(out, "(b h) w n d -> b h (w n) d", h=q.shape[1])[:, :, :n]
 
@@ -100,6 +87,9 @@ class Attention(nn.Module):
     Full (`window_size=None`) or causal sliding-window attention (`window_size=w`: each position
     sees the previous `w`); `causal` masks the future; `rotary` adds rotary position embeddings.
     """
+
+    # the sliding window's key/value layout: a hook, so that `hiertrans.cpu_kernels` can swap in a kernel
+    window_layout = staticmethod(with_previous_block)
 
     def __init__(
         self,
@@ -132,7 +122,7 @@ class Attention(nn.Module):
         if self.window_size is not None:
             if mask is not None:
                 raise ValueError("sliding-window attention does not take a mask")
-            out = local_attend(q, k, v, self.window_size)
+            out = local_attend(q, k, v, self.window_size, self.window_layout)
         else:
             dropout = self.attn_drop if self.training else 0.0
             out = attend(q, k, v, causal=self.causal, dropout=dropout, mask=mask)

@@ -1,0 +1,321 @@
+"""Optional CPU kernels: faster training steps on some CPUs, the same values within rounding.
+
+    from hiertrans import cpu_kernels
+    cpu_kernels.apply(model)            # any nn.Module: ours, timm's, a reference implementation
+    cpu_kernels.apply(model, False)     # back to plain PyTorch (also: cpu_kernels.remove(model))
+    HIERTRANS_CPU_KERNELS=1 python -m hiertrans fit ...   # the training tasks call `requested()`
+
+`apply` swaps, by exact class and in place (`module.__class__`: same object, parameters, state
+dict, hooks and optimizer references), each module for a subclass that only changes how forward
+and backward are computed:
+
+| `kernels=`      | swaps (exact class -> kernel subclass)        | what changes                               |
+|-----------------|----------------------------------------------|--------------------------------------------|
+| `linear`        | `nn.Linear` -> `OneDNNLinear`                | large fp32 CPU products on oneDNN, not MKL |
+| `rms_norm`      | `hiertrans.RMSNorm` -> `CPURMSNorm`,         | a hand-written backward                    |
+|                 | `nn.RMSNorm` -> `CPUTorchRMSNorm`            |                                            |
+| `token_shift`   | `layers.TokenShift` -> `CPUTokenShift`       | one copy each way, not chunk + pad + cat   |
+| `sliding_window`| `layers.Attention` -> `CPUAttention`         | one write each way for windowed keys/values|
+
+Each kernel runs only where it is defined to (fp32/fp64 CPU tensors with autograd recording, no
+`torch.func` transform or forward-mode AD; the oneDNN product also needs fp32, x86-64, no
+autocast and >= `ONEDNN_MIN_MACS` multiply-adds) and otherwise calls the plain op: outputs stay
+equal within rounding with the kernels on or off, on every device.
+
+Where they pay (the LM training step of configs/lm.yaml, eager, fp32; `bench/cpu_kernels.py`):
+
+- AMD EPYC Zen 5 (AVX-512), PyTorch's MKL: MKL takes its AVX-512 kernels on Intel CPUs only, and
+  fp32 products ran at 200-210 GFLOP/s where oneDNN's ran at 390-480; the whole LM step was
+  ~1.7x faster with the oneDNN linears and the other kernels (earlier sessions' machine).
+- AMD EPYC Zen 3 (family 25, AVX2 only, no AVX-512), 2 cores: not measured yet (`bench/cpu_kernels.py`).
+- Where they do not: GPUs (the swap is harmless there: every kernel falls back to the plain op,
+  and CUDA has fused RMSNorm backward and cuBLAS already); Intel CPUs, where MKL takes its best
+  kernels itself; `torch.compile`, whose generated code fuses the norm, shift and layout anyway
+  (the oneDNN product stays an opaque custom op `hiertrans::onednn_mm` inside the graph); and
+  higher-order or `torch.func` differentiation (the plain ops run there).
+
+This is the only module of hiertrans that uses private PyTorch APIs (`torch.ops.mkldnn` and
+`torch._C`), each marked where it is used: the models' default paths are plain public PyTorch.
+"""
+
+import math
+import platform
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd import forward_ad
+from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import register_flop_formula
+
+from .layers import Attention, RMSNorm, TokenShift, token_shift, with_previous_block
+from .layers.checks import env_flag
+
+__all__ = ["KERNELS", "CPUAttention", "CPURMSNorm", "CPUTokenShift", "CPUTorchRMSNorm", "OneDNNLinear", "apply",
+           "onednn_linear", "remove", "requested"]
+
+ENV_VAR = "HIERTRANS_CPU_KERNELS"
+ONEDNN_MIN_MACS = 1 << 22  # below this, oneDNN's per-call overhead loses to MKL
+
+
+def requested() -> bool:
+    """Whether `HIERTRANS_CPU_KERNELS=1` asks for the kernels (unset or 0: no; other values raise)."""
+    return env_flag(ENV_VAR)
+
+
+def _plain_autograd() -> bool:
+    """No `torch.func` transform and no forward-mode AD active: the Functions here define neither
+    vmap nor jvp rules, so they step aside for those. Private APIs, allowed in this module only."""
+    return not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0
+
+
+def _takes_kernel(x: Tensor) -> bool:
+    return x.device.type == "cpu" and _plain_autograd()
+
+
+# --- linear on oneDNN ---------------------------------------------------------------------------
+
+def onednn_supported() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+
+
+@torch.library.custom_op("hiertrans::onednn_mm", mutates_args=(), device_types="cpu")
+def _onednn_mm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`a @ b.T (+ bias)` on oneDNN; `a (..., k)`, `b (n, k)`, any strides. An opaque op, so that
+    `torch.compile` keeps it (inductor lowers oneDNN's linear only for frozen, constant weights).
+    `torch.ops.mkldnn` is a private namespace: allowed in this opt-in module only."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+@_onednn_mm.register_fake
+def _(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    return a.new_empty(*a.shape[:-1], b.shape[0])
+
+
+@register_flop_formula(torch.ops.hiertrans.onednn_mm)
+def _onednn_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """So that `FlopCounterMode` counts these products as it counts `aten.mm`."""
+    return 2 * math.prod(a_shape) * b_shape[0]
+
+
+def _dense(t: Tensor) -> Tensor:
+    # a no-op for the usual operands; on zero or gapped strides, such as the expanded gradient of
+    # a .sum(), oneDNN falls back to a reference kernel ~1000x slower
+    return t.contiguous()
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        # what each gradient needs, as F.linear keeps it: x for dW only, the weight for dx only
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
+        ctx.has_bias = bias is not None
+        return _onednn_mm(_dense(x), _dense(weight), bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        grad = _dense(grad)
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        flat_x = _dense(x).reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops, for higher derivatives
+            if ctx.needs_input_grad[0]:
+                grad_x = grad @ weight
+            if ctx.needs_input_grad[1]:
+                grad_weight = flat_grad.mT @ flat_x
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_x = _onednn_mm(grad, weight.t())
+            if ctx.needs_input_grad[1]:
+                # dW = grad^T x, a reduction over the tokens; oneDNN runs it fastest with the wider
+                # operand in the weight slot (390 vs 250 GFLOP/s for 256 -> 1024 on Zen 5)
+                if flat_grad.shape[1] >= flat_x.shape[1]:  # out_features >= in_features
+                    grad_weight = _onednn_mm(flat_x.t(), flat_grad.t()).t()
+                else:
+                    grad_weight = _onednn_mm(flat_grad.t(), flat_x.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = flat_grad.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def _takes_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return (onednn_supported() and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32)
+            and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+            and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu") and _plain_autograd())
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear`, on oneDNN for large fp32 products on x86-64 CPUs (see the module docstring)."""
+    if _takes_onednn(x, weight, bias):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class OneDNNLinear(nn.Linear):
+    """`nn.Linear` (same parameters, init and state dict) computed by `onednn_linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return F.linear(x, self.weight, self.bias)
+        return self._linear(x)
+
+    @torch.jit.unused
+    def _linear(self, x: Tensor) -> Tensor:
+        return onednn_linear(x, self.weight, self.bias)
+
+
+# --- RMSNorm with a hand-written backward -------------------------------------------------------
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm over the last axis with a hand-written backward: the composite autograd of
+    `F.rms_norm` (PyTorch fuses the backward on CUDA only) spends most of a CPU step's norm time
+    in `pow` and its backward.
+
+    With r = rsqrt(mean(x^2) + eps), x̂ = x r, gw = g w:
+    dx = r (gw - x̂ mean(gw x̂)),  dw = sum over rows of g x̂.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
+        x_hat = x * rstd
+        ctx.save_for_backward(x_hat, weight, rstd)  # x_hat instead of x: same memory, one pass less later
+        return x_hat * weight
+
+    @staticmethod
+    @once_differentiable  # rstd is saved as a constant: a second derivative would be wrong, so refuse it
+    def backward(ctx, grad: Tensor):
+        x_hat, weight, rstd = ctx.saved_tensors
+        grad_w = grad * weight
+        mean = (grad_w * x_hat).mean(-1, keepdim=True)
+        grad_x = torch.addcmul(grad_w, x_hat, mean, value=-1.0).mul_(rstd)
+        grad_weight = (grad * x_hat).reshape(-1, x_hat.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None
+
+
+def rms_norm(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float | None) -> Tensor:
+    """`F.rms_norm`, through `_RMSNormFunction` for a gain over the last axis of a CPU tensor."""
+    # the kernel is a backward: without autograd recording, or in half precision, F.rms_norm it is
+    if (torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64) and len(normalized_shape) == 1
+            and weight is not None and weight.dtype == x.dtype and _takes_kernel(x)):
+        return _RMSNormFunction.apply(x, weight, torch.finfo(x.dtype).eps if eps is None else eps)
+    return F.rms_norm(x, normalized_shape, weight, eps)
+
+
+class CPUTorchRMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` with the hand-written CPU backward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class CPURMSNorm(RMSNorm):
+    """`hiertrans.layers.RMSNorm` with the hand-written CPU backward."""
+
+    forward = CPUTorchRMSNorm.forward
+
+
+# --- token shift and the sliding-window layout --------------------------------------------------
+
+class _TokenShift(torch.autograd.Function):
+    """`token_shift` in one copy each way, where chunk + pad + cat copy (and zero-fill) two to three times."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        split = (x.shape[-1] + 1) // 2  # as x.chunk(2, -1): the first half gets the odd feature
+        ctx.split = split
+        out = torch.empty_like(x)
+        out[..., :split] = x[..., :split]
+        out[..., 1:, split:] = x[..., :-1, split:]
+        out[..., :1, split:] = 0
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        split = ctx.split
+        grad_x = torch.empty_like(grad)
+        grad_x[..., :split] = grad[..., :split]
+        grad_x[..., :-1, split:] = grad[..., 1:, split:]
+        grad_x[..., -1:, split:] = 0
+        return grad_x
+
+
+class CPUTokenShift(TokenShift):
+    """`layers.TokenShift` in one copy each way."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _TokenShift.apply(x) if _takes_kernel(x) else token_shift(x)
+
+
+class _WithPreviousBlock(torch.autograd.Function):
+    """`with_previous_block` in one write each way, where pad + cat copy twice and the backward
+    zero-fills and scatters."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, block: int) -> Tensor:
+        b, h, length, d = t.shape
+        blocks = t.unflatten(2, (length // block, block))  # a view, whatever t's strides
+        out = t.new_empty(b, h, length // block, 2 * block, d)
+        out[..., block:, :] = blocks
+        out[:, :, 1:, :block] = blocks[:, :, :-1]
+        out[:, :, :1, :block] = 0
+        ctx.block, ctx.heads = block, h
+        return out.flatten(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        block = ctx.block
+        grad = grad.unflatten(0, (-1, ctx.heads))
+        grad_t = grad[..., block:, :].clone()
+        grad_t[:, :, :-1] += grad[:, :, 1:, :block]
+        return grad_t.flatten(2, 3), None
+
+
+def with_previous_block_kernel(t: Tensor, block: int) -> Tensor:
+    """`layers.with_previous_block`, through `_WithPreviousBlock` for CPU tensors."""
+    return _WithPreviousBlock.apply(t, block) if _takes_kernel(t) else with_previous_block(t, block)
+
+
+class CPUAttention(Attention):
+    """`layers.Attention` whose sliding window lays out its keys and values in one write."""
+
+    window_layout = staticmethod(with_previous_block_kernel)
+
+
+# --- the switch ---------------------------------------------------------------------------------
+
+KERNELS: dict[str, dict[type[nn.Module], type[nn.Module]]] = {
+    "linear": {nn.Linear: OneDNNLinear},
+    "rms_norm": {RMSNorm: CPURMSNorm, nn.RMSNorm: CPUTorchRMSNorm},
+    "token_shift": {TokenShift: CPUTokenShift},
+    "sliding_window": {Attention: CPUAttention},
+}
+
+
+def apply(model: nn.Module, enabled: bool = True, kernels: Iterable[str] = tuple(KERNELS)) -> nn.Module:
+    """Switch the CPU kernels on (or off, `enabled=False`) in every submodule of `model`, in place;
+    returns `model`. Only modules of exactly the classes in `KERNELS` change: subclasses of
+    `nn.Linear` with their own forward (quantized, LoRA, ...) keep it. `kernels` picks a subset.
+    """
+    swaps: dict[type[nn.Module], type[nn.Module]] = {}
+    for name in kernels:
+        if name not in KERNELS:
+            raise ValueError(f"unknown CPU kernel {name!r}; expected some of {', '.join(KERNELS)}")
+        swaps.update(KERNELS[name])
+    if not enabled:
+        swaps = {kernel: plain for plain, kernel in swaps.items()}
+    for module in model.modules():
+        kernel_class = swaps.get(type(module))
+        if kernel_class is not None:
+            # same instance, new class: parameters, buffers, hooks and any references held elsewhere
+            # (optimizers, tied weights, shared modules) stay as they are
+            module.__class__ = kernel_class
+    return model
+
+
+def remove(model: nn.Module, kernels: Iterable[str] = tuple(KERNELS)) -> nn.Module:
+    """Back to plain PyTorch: `apply(model, False, kernels)`."""
+    return apply(model, False, kernels)

@@ -1,0 +1,42 @@
+"""Helpers shared by the test files (`from helpers import ...`: pytest puts tests/ on sys.path)."""
+
+import re
+from collections.abc import Callable
+
+from torch.profiler import ProfilerActivity, profile
+
+BACKWARD_NODE = "autograd::engine::evaluate_function: "
+# autograd's own nodes: generated ones are numbered (AddmmBackward0, SumBackward1, ...), the engine's
+# live in torch::autograd (AccumulateGrad, CopySlices, GraphRoot). A Python autograd.Function's node
+# is named after its class plus "Backward", with no number: `_TokenShift` -> `_TokenShiftBackward`.
+PYTORCH_NODE = re.compile(r"Backward\d+$|^torch::autograd::")
+# op events are "namespace::name"; PyTorch's public operators are ATen's. Engine events use the
+# `autograd::` and `torch::autograd::` prefixes; custom ops (`hiertrans::onednn_mm`) and private
+# namespaces (`mkldnn::_linear_pointwise`) are the rest.
+ENGINE_EVENT = re.compile(r"^(aten|autograd|torch::autograd)::")
+OP_EVENT = re.compile(r"^\w+::")
+
+
+def plain_pytorch_violations(fn: Callable[[], object]) -> list[str]:
+    """Run `fn` under `torch.profiler`; the events that are not PyTorch's own: ops outside ATen, and
+    backward nodes of Python autograd Functions."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    found = set()
+    for name in {event.name for event in prof.events()}:
+        if name.startswith(BACKWARD_NODE):
+            if not PYTORCH_NODE.search(name.removeprefix(BACKWARD_NODE)):
+                found.add(name)
+        elif OP_EVENT.match(name) and not ENGINE_EVENT.match(name):
+            found.add(name)
+    return sorted(found)
+
+
+def assert_plain_pytorch(fn: Callable[[], object]) -> None:
+    """Assert that `fn` (an eager forward and backward) runs only PyTorch's own code: every op an
+    ATen op (no custom op, no private `torch.ops` namespace) and every backward node one of
+    autograd's (no hand-written `torch.autograd.Function`, whose node names end in `Backward`
+    without a number). A backward must run inside `fn`, or Functions go unseen. Eager only:
+    `torch.compile` runs its graphs through a Function of its own (`CompiledFunction`)."""
+    violations = plain_pytorch_violations(fn)
+    assert not violations, f"not plain PyTorch: {violations}"
