@@ -11,7 +11,6 @@ from .hierarchical_configs import (
     HierarchicalConfig,
     MetaFormerBlock,
     StageConfig,
-    build_hierarchical_model,
     get_hierarchical_configuration,
     metaformer_cifar_config,
     poolformer_s12_config,
@@ -33,7 +32,10 @@ from .vit import (
     MultiScaleAttention,
     PatchEmbed,
     SpatialReductionBlock,
+    build_hierarchical_model,
     create_model,
+    preset,
+    timm_model,
 )
 
 _LAZY = {  # heavy imports (matplotlib, Lightning Fabric) only when asked for
@@ -88,6 +90,8 @@ __all__ = [
     "calculate_metrics",
     "cpu_kernels",
     "create_model",
+    "preset",
+    "timm_model",
     "set_debug",
     "text_boundaries",
     "visualize_attention",

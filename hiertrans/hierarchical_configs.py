@@ -41,26 +41,32 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from einops import rearrange
-from torch import Tensor, nn
-from torch.nn import functional as F
-
-from .layers import DropPath, make_norm
-from .layers.spatial import (
-    AxialRotaryEmbedding,
-    DWConvFeedForward,
-    GroupNorm1,
-    LayerScale,
-    Pooling,
-    TokenFeedForward,
+from .pyramid import (
+    FEEDFORWARDS,
+    NORMALIZATIONS,
+    POSITION_EMBEDDINGS,
+    RESIDUAL_NORM_STYLES,
+    TOKEN_MIXERS,
+    AttentionMixer,
+    LocalWindowAttention,
+    MetaFormerBlock,
+    StageConfig,
+    check_geometry,
+    is_attention_mixer,
+    lookup,
+    make_feedforward,
+    make_token_mixer,
+    make_token_norm,
+    register_feedforward,
+    register_token_mixer,
+    stage_geometry,
 )
-from .vit import HierarchialViT, MultiScaleAttention, conv_out
 
-__all__ = [
+__all__ = [  # the registries, mixers and the block live in hiertrans.pyramid; re-exported here
     "FEEDFORWARDS",
     "NORMALIZATIONS",
     "POSITION_EMBEDDINGS",
@@ -72,7 +78,6 @@ __all__ = [
     "MetaFormerBlock",
     "StageConfig",
     "as_hierarchical_config",
-    "build_hierarchical_model",
     "check_sequence_lengths",
     "get_hierarchical_configuration",
     "infer_img_size",
@@ -88,212 +93,6 @@ __all__ = [
     "stage_grids",
     "validate_config",
 ]
-
-NORMALIZATIONS = ("layernorm", "rmsnorm", "groupnorm")
-POSITION_EMBEDDINGS = ("learned", "rotary", "none")
-RESIDUAL_NORM_STYLES = ("pre", "post")
-
-
-# --- registries ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _MixerEntry:
-    factory: Callable[..., nn.Module]
-    attention: bool  # takes rotary position embeddings
-
-
-TOKEN_MIXERS: dict[str, _MixerEntry] = {}
-FEEDFORWARDS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_token_mixer(name: str, *, attention: bool = False):
-    """Decorator: register `factory(dim, *, num_heads, rotary, **mixer_kwargs) -> module` as `name`.
-
-    The module maps `(b, h*w, dim), height, width -> (b, h*w, dim)`. `attention=True` marks a
-    mixer that applies rotary embeddings when `rotary=True` (others get `rotary=False` always).
-    A mixer kwarg named `sr_ratio` is held to the geometry check (the grid must be >= it).
-    Registering an existing name replaces it.
-    """
-
-    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        TOKEN_MIXERS[name.lower()] = _MixerEntry(factory, attention)
-        return factory
-
-    return decorator
-
-
-def register_feedforward(name: str):
-    """Decorator: register `factory(dim, hidden_dim, *, dropout) -> module` as `name`; the module
-    maps `(b, h*w, dim), height, width -> (b, h*w, dim)`."""
-
-    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        FEEDFORWARDS[name.lower()] = factory
-        return factory
-
-    return decorator
-
-
-def _lookup(registry: Mapping[str, Any], kind: str, name: str) -> Any:
-    if not isinstance(name, str) or name.lower() not in registry:
-        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))} "
-                         f"(add your own with register_{kind.replace(' ', '_')})")
-    return registry[name.lower()]
-
-
-def is_attention_mixer(name: str) -> bool:
-    return _lookup(TOKEN_MIXERS, "token mixer", name).attention
-
-
-def make_token_mixer(name: str, dim: int, *, num_heads: int = 1, rotary: bool = False,
-                     **kwargs: Any) -> nn.Module:
-    """The registered token mixer `name` for width `dim` (ValueError listing the known names)."""
-    entry = _lookup(TOKEN_MIXERS, "token mixer", name)
-    try:
-        return entry.factory(dim, num_heads=num_heads, rotary=rotary and entry.attention, **kwargs)
-    except TypeError as exc:
-        raise TypeError(f"token mixer {name!r} rejected mixer_kwargs {kwargs}: {exc}") from exc
-
-
-def make_feedforward(name: str, dim: int, hidden_dim: int, **kwargs: Any) -> nn.Module:
-    """The registered feed-forward `name`, `dim -> hidden_dim -> dim` (ValueError listing the known names)."""
-    return _lookup(FEEDFORWARDS, "feedforward", name)(dim, hidden_dim, **kwargs)
-
-
-def make_token_norm(kind: str, dim: int, eps: float = 1e-6) -> nn.Module:
-    """`layernorm` / `rmsnorm` (`hiertrans.layers.make_norm`) or `groupnorm` (one group, PoolFormer)."""
-    if not isinstance(kind, str) or kind.lower() not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {kind!r}; known: {', '.join(NORMALIZATIONS)}")
-    kind = kind.lower()
-    return GroupNorm1(dim, eps=1e-5) if kind == "groupnorm" else make_norm(kind, dim, eps=eps)
-
-
-# --- token mixers ------------------------------------------------------------------------------------
-
-class AttentionMixer(MultiScaleAttention):
-    """`MultiScaleAttention` (full attention at `sr_ratio=1`) with optional 2-D axial rotary embeddings.
-
-    `(b, h*w, dim), height, width -> (b, h*w, dim)`. Rotary is applied in `project`, so
-    `hiertrans.visualize` shows the attention the model really uses. Queries sit at the grid
-    cells, keys pooled by `sr_ratio` at the centres of their `sr x sr` cells.
-    """
-
-    def __init__(self, dim: int, num_heads: int = 1, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, sr_ratio: int = 1, rotary: bool = False):
-        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, sr_ratio)
-        self.rotary = AxialRotaryEmbedding(self.head_dim) if rotary else None
-
-    def project(self, x: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = super().project(x, height, width)
-        if self.rotary is not None:
-            if x.shape[1] != height * width:
-                raise ValueError("rotary embeddings need a grid of patch tokens only (no class token): "
-                                 "use global_pool='avg'")
-            sr = self.sr_ratio
-            q = self.rotary.rotate(q, height, width)
-            k = self.rotary.rotate(k, *self.key_grid(height, width), step=sr, offset=(sr - 1) / 2)
-        return q, k, v
-
-
-class LocalWindowAttention(nn.Module):
-    """Attention inside non-overlapping `window_size x window_size` windows of the grid.
-
-    `(b, h*w, dim), height, width -> (b, h*w, dim)`; cost linear in the number of tokens.
-    Windows are clipped to the grid (a 4x4 map with window 7 is one 4x4 window); a grid that is
-    not a multiple of the window is zero-padded at the bottom/right and cropped after, as in Swin
-    (padded tokens are visible as keys there too). Rotary positions are window-relative.
-    """
-
-    def __init__(self, dim: int, num_heads: int = 1, window_size: int = 7, rotary: bool = False,
-                 qkv_bias: bool = True):
-        super().__init__()
-        if not isinstance(window_size, int) or window_size < 1:
-            raise ValueError(f"window_size must be an int >= 1, got {window_size!r}")
-        self.window_size = window_size
-        self.attn = AttentionMixer(dim, num_heads, qkv_bias, rotary=rotary)
-
-    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        wh, ww = min(self.window_size, height), min(self.window_size, width)
-        grid = rearrange(x, "b (h w) c -> b h w c", h=height, w=width)
-        pad_h, pad_w = -height % wh, -width % ww
-        if pad_h or pad_w:
-            grid = F.pad(grid, (0, 0, 0, pad_w, 0, pad_h))
-        windows = rearrange(grid, "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c", wh=wh, ww=ww)
-        out = self.attn(windows, wh, ww)
-        out = rearrange(out, "(b nh nw) (wh ww) c -> b (nh wh) (nw ww) c", b=x.shape[0],
-                        nh=(height + pad_h) // wh, wh=wh)
-        return out[:, :height, :width].reshape(x.shape)
-
-    def extra_repr(self) -> str:
-        return f"window_size={self.window_size}"
-
-
-@register_token_mixer("scaled_dot_product", attention=True)
-def _scaled_dot_product(dim: int, *, num_heads: int, rotary: bool, qkv_bias: bool = True) -> nn.Module:
-    return AttentionMixer(dim, num_heads, qkv_bias, rotary=rotary)
-
-
-@register_token_mixer("spatial_reduction", attention=True)
-def _spatial_reduction(dim: int, *, num_heads: int, rotary: bool, sr_ratio: int = 1,
-                       qkv_bias: bool = True) -> nn.Module:
-    return AttentionMixer(dim, num_heads, qkv_bias, sr_ratio=sr_ratio, rotary=rotary)
-
-
-@register_token_mixer("local", attention=True)
-def _local(dim: int, *, num_heads: int, rotary: bool, window_size: int = 7, qkv_bias: bool = True) -> nn.Module:
-    return LocalWindowAttention(dim, num_heads, window_size, rotary, qkv_bias)
-
-
-@register_token_mixer("pooling")
-def _pooling(dim: int, *, num_heads: int, rotary: bool, pool_size: int = 3) -> nn.Module:
-    return Pooling(pool_size)
-
-
-@register_feedforward("mlp")
-def _mlp(dim: int, hidden_dim: int, *, dropout: float = 0.0) -> nn.Module:
-    return TokenFeedForward(dim, hidden_dim, dropout=dropout)
-
-
-@register_feedforward("dwconv_mlp")
-def _dwconv_mlp(dim: int, hidden_dim: int, *, dropout: float = 0.0) -> nn.Module:
-    return DWConvFeedForward(dim, hidden_dim, dropout=dropout)
-
-
-# --- the block -----------------------------------------------------------------------------------------
-
-class MetaFormerBlock(nn.Module):
-    """A MetaFormer block: `(b, h*w, dim), height, width -> (b, h*w, dim)`.
-
-    Pre-norm: `x + DropPath(LS(mixer(norm1(x))))`, then `x + DropPath(LS(mlp(norm2(x))))`.
-    Post-norm: `norm1(x + DropPath(LS(mixer(x))))`, then `norm2(x + DropPath(LS(mlp(x))))`.
-    `LS` is a per-channel layer scale (PoolFormer: 1e-5) when `layer_scale_init` is set, else identity.
-    The mixer is also reachable as `attn` (what `hiertrans.visualize` reads).
-    """
-
-    def __init__(self, dim: int, token_mixer: nn.Module, mlp: nn.Module, normalization: str = "layernorm",
-                 residual_norm_style: str = "pre", drop_path: float = 0.0,
-                 layer_scale_init: float | None = None, norm_eps: float = 1e-6):
-        super().__init__()
-        if residual_norm_style not in RESIDUAL_NORM_STYLES:
-            raise ValueError(f"residual_norm_style must be one of {RESIDUAL_NORM_STYLES}, got {residual_norm_style!r}")
-        self.pre_norm = residual_norm_style == "pre"
-        self.norm1 = make_token_norm(normalization, dim, norm_eps)
-        self.token_mixer = token_mixer
-        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
-        self.norm2 = make_token_norm(normalization, dim, norm_eps)
-        self.mlp = mlp
-        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
-        self.drop_path = DropPath(drop_path)
-
-    @property
-    def attn(self) -> nn.Module:
-        return self.token_mixer
-
-    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        if self.pre_norm:
-            x = x + self.drop_path(self.ls1(self.token_mixer(self.norm1(x), height, width)))
-            return x + self.drop_path(self.ls2(self.mlp(self.norm2(x), height, width)))
-        x = self.norm1(x + self.drop_path(self.ls1(self.token_mixer(x, height, width))))
-        return self.norm2(x + self.drop_path(self.ls2(self.mlp(x, height, width))))
 
 
 # --- configs ---------------------------------------------------------------------------------------------
@@ -322,34 +121,6 @@ class BasicLayerConfig:
     mlp_multiplier: float | None = None
     mixer_kwargs: dict[str, Any] = field(default_factory=dict)
     position_embedding: str | None = None
-
-
-@dataclass
-class StageConfig:
-    """One stage, fully specified (what `get_hierarchical_configuration` fills in).
-
-    Patch embedding `(b, in, H, W) -> (b, embedding, h, w)` with `h = (H + 2 padding - patch_size)
-    // stride + 1`; then `depth` blocks of `token_mixer` (heads `num_heads`, options
-    `mixer_kwargs`) and `feedforward` (hidden `embedding * mlp_multiplier`).
-    """
-
-    embedding: int
-    token_mixer: str
-    feedforward: str
-    patch_size: int
-    stride: int
-    padding: int
-    seq_len: int | None = None
-    depth: int = 1
-    num_heads: int = 1
-    mlp_multiplier: float = 4.0
-    normalization: str = "layernorm"
-    position_embedding: str = "learned"
-    mixer_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def sr_ratio(self) -> int:
-        return int(self.mixer_kwargs.get("sr_ratio", 1))
 
 
 @dataclass
@@ -551,7 +322,7 @@ def validate_config(config: HierarchicalConfig) -> None:
         if not s.mlp_multiplier > 0:
             raise ValueError(f"stage {i}: mlp_multiplier must be > 0, got {s.mlp_multiplier!r}")
         attention = is_attention_mixer(s.token_mixer)
-        _lookup(FEEDFORWARDS, "feedforward", s.feedforward)
+        lookup(FEEDFORWARDS, "feedforward", s.feedforward)
         if not isinstance(s.normalization, str) or s.normalization.lower() not in NORMALIZATIONS:
             raise ValueError(f"stage {i}: unknown normalization {s.normalization!r}; known: "
                              f"{', '.join(NORMALIZATIONS)}")
@@ -566,42 +337,32 @@ def validate_config(config: HierarchicalConfig) -> None:
             if head % 4:
                 raise ValueError(f"stage {i}: 2-D rotary embeddings need a head dim divisible by 4, got "
                                  f"{s.embedding} / {s.num_heads} heads = {head}")
+        if not isinstance(s.pos_conv, bool):
+            raise ValueError(f"stage {i}: pos_conv must be true or false, got {s.pos_conv!r}")
         if not isinstance(s.mixer_kwargs, Mapping):
             raise ValueError(f"stage {i}: mixer_kwargs must be a mapping, got {s.mixer_kwargs!r}")
         _positive_int(s.sr_ratio, f"stage {i}: sr_ratio")
 
 
 def stage_grids(config: HierarchicalConfig, img_size: int | Sequence[int]) -> list[tuple[int, int]]:
-    """Each stage's token grid `(h, w)` for an `img_size` input; ValueError if a map vanishes."""
+    """Each stage's token grid `(h, w)` for an `img_size` input; a ValueError naming the stage when a
+    map vanishes or is smaller than its sr_ratio (`hiertrans.pyramid.check_geometry`)."""
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    grids = []
-    for i, s in enumerate(config.stages):
-        grid = tuple(conv_out(side, s.patch_size, s.stride, s.padding) for side in size)
-        if min(grid) < 1:
-            raise ValueError(f"stage {i}: the feature map vanishes: its {size[0]}x{size[1]} input map with patch "
-                             f"{s.patch_size} stride {s.stride} padding {s.padding} gives {grid[0]}x{grid[1]} "
-                             f"tokens (for a {_fmt(img_size)} image); use a larger img_size, fewer stages "
-                             f"or smaller strides")
-        grids.append(grid)
-        size = grid
-    return grids
-
-
-def _fmt(img_size: int | Sequence[int]) -> str:
-    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    return f"{h}x{w}"
+    check_geometry(config.stages, size)
+    return [grid for _, grid in stage_geometry(config.stages, size)]
 
 
 def check_sequence_lengths(config: HierarchicalConfig, img_size: int | Sequence[int]) -> None:
-    """ValueError when a stage's `seq_len` is not what `img_size`, the strides and paddings give."""
+    """ValueError when a stage's `seq_len` is not what `img_size`, the strides and paddings give
+    (for a geometry `check_geometry` accepted)."""
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    for i, (s, grid) in enumerate(zip(config.stages, stage_grids(config, img_size))):
+    image = f"{size[0]}x{size[1]}"
+    for i, (s, (in_size, grid)) in enumerate(zip(config.stages, stage_geometry(config.stages, size))):
         if s.seq_len is not None and s.seq_len != grid[0] * grid[1]:
-            source = (f"a {_fmt(img_size)} input" if i == 0 else
-                      f"its {size[0]}x{size[1]} input map (from a {_fmt(img_size)} image)")
+            source = (f"a {image} input" if i == 0 else
+                      f"its {in_size[0]}x{in_size[1]} input map (from a {image} image)")
             raise ValueError(f"stage {i}: seq_len={s.seq_len} but {source} with patch {s.patch_size} stride "
                              f"{s.stride} padding {s.padding} gives {grid[0]}x{grid[1]}={grid[0] * grid[1]} tokens")
-        size = grid
 
 
 def infer_img_size(config: HierarchicalConfig) -> int:
@@ -612,61 +373,6 @@ def infer_img_size(config: HierarchicalConfig) -> int:
         raise ValueError(f"cannot infer img_size from stage 0's seq_len={seq_len!r} (needs a square number "
                          f"of tokens); pass img_size")
     return side * config.stages[0].stride
-
-
-def build_hierarchical_model(
-    config: Any,
-    num_classes: int = 1000,
-    img_size: int | Sequence[int] | None = None,
-    in_chans: int | None = None,
-    drop_path_rate: float = 0.0,
-    drop_rate: float = 0.0,
-    global_pool: str = "avg",
-    norm_eps: float = 1e-6,
-) -> HierarchialViT:
-    """A `HierarchialViT` from a hierarchy (anything `as_hierarchical_config` takes).
-
-    `img_size` sizes learned position embeddings and is what every `seq_len` is checked against
-    (default: inferred from stage 0's `seq_len`, square). `in_chans` defaults to the config's
-    `in_channels` (a different value is a ValueError). Mean pooling only (`global_pool='avg'`):
-    the pooling / conv mixers have no place for a class token.
-    """
-    config = as_hierarchical_config(config)
-    if global_pool != "avg":
-        raise ValueError(f"config-built models pool by the mean of the last stage (global_pool='avg'), got "
-                         f"{global_pool!r}")
-    if in_chans is None:
-        in_chans = config.in_channels
-    elif in_chans != config.in_channels:
-        raise ValueError(f"in_chans={in_chans} but the hierarchy has in_channels={config.in_channels}; "
-                         f"make them equal")
-    if img_size is None:
-        img_size = infer_img_size(config)
-    check_sequence_lengths(config, img_size)
-    stages = config.stages
-
-    def block_fn(index: int, drop_path: float) -> nn.Module:
-        s = stages[index]
-        mixer = make_token_mixer(s.token_mixer, s.embedding, num_heads=s.num_heads,
-                                 rotary=s.position_embedding == "rotary", **s.mixer_kwargs)
-        mlp = make_feedforward(s.feedforward, s.embedding, int(s.embedding * s.mlp_multiplier), dropout=drop_rate)
-        return MetaFormerBlock(s.embedding, mixer, mlp, s.normalization, config.residual_norm_style, drop_path,
-                               config.layer_scale_init, norm_eps)
-
-    model = HierarchialViT(
-        img_size=img_size, patch_size=[s.patch_size for s in stages], in_chans=in_chans, num_classes=num_classes,
-        embed_dims=[s.embedding for s in stages], num_heads=[s.num_heads for s in stages],
-        mlp_ratios=[s.mlp_multiplier for s in stages], depths=[s.depth for s in stages],
-        sr_ratios=[s.sr_ratio for s in stages], drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-        global_pool="avg", norm_eps=norm_eps, patch_stride=[s.stride for s in stages],
-        patch_padding=[s.padding for s in stages],
-        pos_embed=[s.position_embedding == "learned" for s in stages], block_fn=block_fn,
-        norm_layer=lambda dim: make_token_norm(config.final_normalization, dim, norm_eps),
-        stage_norm_layer=(lambda i, dim: make_token_norm(stages[i].normalization, dim, norm_eps))
-        if config.stage_norms else None,
-    )
-    model.hierarchical_config = config
-    return model
 
 
 # --- named configurations ---------------------------------------------------------------------------

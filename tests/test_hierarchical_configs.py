@@ -15,7 +15,6 @@ from hiertrans.hierarchical_configs import (
     HierarchicalConfig,
     LocalWindowAttention,
     StageConfig,
-    build_hierarchical_model,
     get_hierarchical_configuration,
     make_token_mixer,
     metaformer_cifar_config,
@@ -24,7 +23,7 @@ from hiertrans.hierarchical_configs import (
     register_token_mixer,
 )
 from hiertrans.layers.spatial import AxialRotaryEmbedding
-from hiertrans.vit import HierarchialViT
+from hiertrans.vit import HierarchialViT, build_hierarchical_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +156,11 @@ def test_pvt_v2_b0_config_computes_timms_function():
         key = re.sub(r"^stages\.3\.norm\.", "norm.", key)  # the last stage's norm is our final norm
         return key.replace(".attn.", ".token_mixer.")
 
-    ours.load_state_dict({rename(k): v for k, v in ref.state_dict().items()}, strict=True)
+    state = {rename(k): v for k, v in ref.state_dict().items()}
+    for key in [k for k in state if k.endswith((".q.weight", ".q.bias"))]:  # our qkv holds q and kv in one matrix
+        kv = key.replace(".q.", ".kv.")
+        state[key.replace(".q.", ".qkv.")] = torch.cat((state.pop(key), state.pop(kv)))
+    ours.load_state_dict(state, strict=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-4)
@@ -256,12 +259,13 @@ def test_vanishing_maps_and_oversized_reductions_are_rejected():
     for layer in layers:
         layer.seq_len = None  # not checked: the geometry alone must fail
     config = get_hierarchical_configuration(layers, dim_head=32)
-    with pytest.raises(ValueError, match=r"stage 3: the feature map vanishes: its 1x1 input map with patch 3 "
-                                         r"stride 2 padding 0 gives 0x0 tokens \(for a 8x8 image\)"):
+    with pytest.raises(ValueError, match=r"stage 3 gets a 1x1 input map and a 0x0 token grid \(patch 3, stride 2, "
+                                         r"padding 0\): the feature map vanishes \(img_size 8x8"):
         HierarchialViT.from_config(config, img_size=8)
     # PVT v2-b0 at 16 px: stage 0's 4x4 map cannot be pooled by its sr_ratio 8
-    with pytest.raises(ValueError, match="stage 0 gets a 16x16 input map and a 4x4 token grid: its sr_ratio 8 "
-                                         "exceeds the feature map; the largest valid sr_ratio for this stage is 4"):
+    with pytest.raises(ValueError, match=re.escape("stage 0 gets a 16x16 input map and a 4x4 token grid (patch 7, "
+                                                   "stride 4, padding 3): its sr_ratio 8 exceeds the feature map; "
+                                                   "the largest valid sr_ratio for this stage is 4")):
         HierarchialViT.from_config(pvt_v2_b0_config(img_size=16))
     # overlapping embeddings: the smallest input walks back through kernels, strides and paddings
     model = HierarchialViT.from_config(pvt_v2_b0_config(img_size=64)).eval()

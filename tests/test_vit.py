@@ -1,5 +1,4 @@
 import re
-import warnings
 
 import pytest
 import timm
@@ -8,6 +7,7 @@ import torch.nn.functional as F
 
 from hiertrans.layers import FeedForward, attention_probs
 from hiertrans.layers.spatial import DWConvFeedForward
+from hiertrans.pyramid import stage_geometry
 from hiertrans.vit import (
     PRESETS,
     HierarchialViT,
@@ -16,7 +16,6 @@ from hiertrans.vit import (
     MultiScaleAttention,
     PatchEmbed,
     PosConv,
-    _register_with_timm,
     create_model,
 )
 
@@ -122,8 +121,8 @@ def test_pos_conv_replaces_position_embeddings(global_pool):
 
 def test_dwconv_mlp_per_stage_and_with_a_class_token():
     model = tiny(dwconv_mlp=(True, True, False, False), global_pool="token")
-    kinds = [type(s.blocks[0].mlp) for s in model.stages]
-    assert kinds == [DWConvFeedForward, DWConvFeedForward, FeedForward, FeedForward]
+    kinds = [isinstance(s.blocks[0].mlp, DWConvFeedForward) for s in model.stages]
+    assert kinds == [True, True, False, False] and isinstance(model.stages[3].blocks[0].mlp, FeedForward)
     assert model(torch.randn(2, 3, 48, 80)).shape == (2, 5)
     with pytest.raises(ValueError, match="dwconv_mlp has 3 entries"):
         tiny(dwconv_mlp=(True, True, False))
@@ -255,7 +254,7 @@ def test_cifar_preset_matches_pvt_v2_b0_size():
         theirs = timm.create_model("pvt_v2_b0", num_classes=10)
     assert abs(n_params(ours) / n_params(theirs) - 1) < 0.10
     # every reducing stage keeps more than one key at 32 px
-    for (_, grid), sr in zip(ours._stage_grids((32, 32)), ours.sr_ratios):
+    for (_, grid), sr in zip(stage_geometry(ours.hierarchical_config.stages, (32, 32)), ours.sr_ratios):
         assert sr == 1 or (grid[0] // sr) * (grid[1] // sr) > 1
 
 
@@ -313,11 +312,12 @@ def test_no_weight_decay_and_group_matcher():
     assert len(group_parameters(model, model.group_matcher(coarse=True))) == 6  # stem, 4 stages, norm + head
 
 
-def test_timm_create_model_and_idempotent_registration():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _register_with_timm()  # what a second import / reload runs: must not re-register
+def test_timm_create_model_and_registration():
+    import hiertrans.vit
+
     assert set(PRESETS) <= set(timm.list_models("hvit_*"))
+    for name in PRESETS:  # registered by the module's own functions, one per preset
+        assert timm.models.model_entrypoint(name) is getattr(hiertrans.vit, name)
     model = timm.create_model("hvit_cifar", num_classes=7, drop_path_rate=0.1)
     assert isinstance(model, HierarchialViT) and model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
     with torch.device("meta"):

@@ -109,6 +109,22 @@ class DWConvFeedForward(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(x))))
 
 
+class PosConv(nn.Module):
+    """Conditional position encoding (CPVT's PEG, as in Twins-PCPVT): `x + DWConv3x3(x)` over the
+    token map, `(b, prefix + h*w, dim), H, W -> same`; prefix tokens (a class token) pass through.
+
+    Position comes from the zero padding at the borders, so it follows any input size without
+    resizing, and the 3x3 neighbourhood gives every stage some locality for 9 weights per channel.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        return on_grid(x, height, width, lambda grid: grid + self.proj(grid))
+
+
 class AxialRotaryEmbedding(nn.Module):
     """2-D (axial) rotary position embedding for queries/keys on a grid.
 
