@@ -11,8 +11,6 @@ through exactly the code path a user's data does.
 
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +23,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.transforms import v2
+
+from hiertrans.io import atomic_directory
 
 from .text import ShardSampler
 
@@ -203,32 +203,22 @@ def prepare_digits(cache: str | Path | None = None) -> Path:
     an interrupted write never leaves a half-written folder and concurrent writers (DDP ranks, two
     jobs) cannot corrupt it: the first rename wins and the others discard their copy.
     """
-    final = Path(cache) if cache is not None else cache_dir()
-    final = final / "digits"
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    from sklearn.datasets import load_digits  # only needed once per machine
-    from sklearn.model_selection import train_test_split
+    final = (Path(cache) if cache is not None else cache_dir()) / "digits"
+    with atomic_directory(final) as tmp:
+        if tmp is None:
+            return final
+        from sklearn.datasets import load_digits  # only needed once per machine
+        from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
-    pixels = (digits.images * (255.0 / 16.0)).round().clip(0, 255).astype("uint8")
-    train_idx, val_idx = train_test_split(range(len(pixels)), test_size=DIGITS_VAL_SIZE,
-                                          stratify=digits.target, random_state=DIGITS_SEED)
-    tmp = Path(tempfile.mkdtemp(prefix=".digits-tmp-", dir=final.parent))
-    try:
+        digits = load_digits()
+        pixels = (digits.images * (255.0 / 16.0)).round().clip(0, 255).astype("uint8")
+        train_idx, val_idx = train_test_split(range(len(pixels)), test_size=DIGITS_VAL_SIZE,
+                                              stratify=digits.target, random_state=DIGITS_SEED)
         for split, indices in (("train", train_idx), ("val", val_idx)):
             for name in DIGITS_CLASSES:
                 (tmp / split / name).mkdir(parents=True)
             for i in indices:
                 Image.fromarray(pixels[i]).save(tmp / split / str(digits.target[i]) / f"{i:04d}.png")
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.is_dir():  # a real failure, not a lost race against another writer
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # no-op when the rename succeeded
     return final
 
 

@@ -200,8 +200,8 @@ class HiertransCLI(LightningCLI):
                 shutil.rmtree(d, ignore_errors=True)
 
     def _check_prompt(self) -> None:
-        prompt, seq_len = getattr(self.datamodule, "prompt", None), getattr(self.model, "model", None)
-        seq_len = getattr(seq_len, "seq_len", None)
+        prompt = getattr(self.datamodule, "prompt", None)
+        seq_len = getattr(getattr(self.model, "net", None), "seq_len", None)
         if isinstance(prompt, str) and seq_len is not None and len(prompt.encode("utf-8")) > seq_len:
             raise UserError(f"data.init_args.prompt is {len(prompt.encode('utf-8'))} bytes, longer than the "
                             f"model's seq_len={seq_len}")
@@ -222,11 +222,12 @@ _NOISE = ("Given value", "Subtypes:", "- Expected a <class 'NoneType'>")
 def _argument_error_message(message: str) -> str:
     """`model.init_args.depth: Expected a <class 'int'>. Got value: abc` from jsonargparse's nested report."""
     keys = re.findall(r'Parser key "([^"]+)"', message)
-    skip = _NOISE + ("Parser key", "Does not validate against", "Errors:", "- Problem with given class_path")
-    lines = [ln.strip().lstrip("- ") for ln in message.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    skip = _NOISE + ("Parser key", "Does not validate against", "Errors:", "Problem with given class_path")
+    lines = [ln.strip().lstrip("- ") for ln in message.splitlines()
+             if ln.strip() and not ln.strip().lstrip("- ").startswith(skip)]
     detail = "; ".join(dict.fromkeys(lines)) or message.strip()
-    if len(keys) > 1 and keys[0] in ("model", "data"):
-        keys = [keys[0], "init_args", *keys[1:]]
+    if len(keys) > 1 and keys[0] in ("model", "data"):  # each nesting level is a class: its arguments are init_args
+        keys = [keys[0], *(part for key in keys[1:] for part in ("init_args", key))]
     return f"{'.'.join(keys)}: {detail}" if keys else detail
 
 

@@ -1,13 +1,12 @@
-"""Optimiser pieces shared by the LightningModules and `HViTTrainer`: weight-decay groups and
-linear warm-up + cosine decay."""
+"""Optimiser pieces shared by the training tasks and `HViTTrainer`: weight-decay groups and linear
+warm-up + cosine decay (`WarmupCosineLR`)."""
 
-import functools
 import math
 from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LRScheduler
 
 # wrappers that distributed/compiled training inserts into parameter names
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -34,8 +33,10 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
             if param.ndim <= 1 or id(param) in embeddings or name in skip or name.rsplit(".", 1)[-1] in skip}
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str] | None = None) -> list[dict[str, Any]]:
-    """AdamW parameter groups `decay` and `no_decay`; `no_decay` names default to
+def param_groups(model: nn.Module, weight_decay: float | None = None,
+                 no_decay: set[str] | None = None) -> list[dict[str, Any]]:
+    """Optimizer parameter groups `decay` and `no_decay` (weight decay 0). The `decay` group takes
+    `weight_decay` when given, else the optimizer's own setting; `no_decay` names default to
     `no_weight_decay_names(model)` (pass them computed before an FSDP wrap)."""
     no_decay = no_weight_decay_names(model) if no_decay is None else no_decay
     groups: dict[bool, list] = {True: [], False: []}
@@ -43,8 +44,10 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str] | Non
         if param.requires_grad:
             groups[clean_name(name) not in no_decay].append(param)
     # "name" labels the groups in LearningRateMonitor (lr-AdamW/decay, lr-AdamW/no_decay)
-    return [{"params": groups[True], "weight_decay": weight_decay, "name": "decay"},
-            {"params": groups[False], "weight_decay": 0.0, "name": "no_decay"}]
+    decay = {"params": groups[True], "name": "decay"}
+    if weight_decay is not None:
+        decay["weight_decay"] = weight_decay
+    return [decay, {"params": groups[False], "weight_decay": 0.0, "name": "no_decay"}]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_lr_ratio: float) -> float:
@@ -58,14 +61,57 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_lr_ratio
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class WarmupCosineLR(LRScheduler):
+    """Linear warm-up then cosine decay to `min_lr_ratio` x the base LR, stepped once per optimizer step.
+
+    Warm-up lasts `warmup_steps`, or `warmup_fraction` of `total_steps` when `warmup_steps` is None.
+    `total_steps=None` means "the length of the run": the training tasks set it from the trainer
+    (`set_total_steps`) before the first step, so one config serves any `max_steps` / `max_epochs`.
+    Its state (steps taken, lengths) is in `state_dict`, so a resumed run continues the same curve.
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup_steps: int | None = None, warmup_fraction: float = 0.0,
+                 min_lr_ratio: float = 0.0, total_steps: int | None = None, last_epoch: int = -1):
+        if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
+            raise ValueError(f"warmup_steps must be an int >= 0 or None, got {warmup_steps!r}")
+        if not 0 <= warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction!r}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        self.warmup_steps, self.warmup_fraction, self.min_lr_ratio = warmup_steps, warmup_fraction, min_lr_ratio
+        self.total_steps = None
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
+        super().__init__(optimizer, last_epoch)
+
+    def set_total_steps(self, total_steps: float) -> None:
+        """The run's length in optimizer steps (finite; the cosine ends there)."""
+        if not math.isfinite(total_steps) or total_steps < 1:
+            raise ValueError(f"the LR schedule needs a finite run length >= 1 step, got {total_steps}: set "
+                             f"trainer.max_steps or trainer.max_epochs")
+        self.total_steps = int(total_steps)
+
+    def multiplier(self, step: int) -> float:
+        total = self.total_steps if self.total_steps is not None else math.inf
+        warmup = self.warmup_steps
+        if warmup is None:
+            warmup = round(self.warmup_fraction * total) if math.isfinite(total) else 0
+        if math.isfinite(total):
+            warmup = min(warmup, total)
+        return warmup_cosine(step, warmup, total, self.min_lr_ratio)
+
+    def get_lr(self) -> list[float]:
+        factor = self.multiplier(self.last_epoch)
+        return [base * factor for base in self.base_lrs]
+
+
 def warmup_cosine_schedule(optimizer: Optimizer, warmup_steps: int, total_steps: float,
-                           min_lr_ratio: float = 0.0) -> LambdaLR:
-    """`LambdaLR` with `warmup_cosine`, to be stepped once per optimizer step."""
+                           min_lr_ratio: float = 0.0) -> WarmupCosineLR:
+    """`WarmupCosineLR` over `total_steps` (inf: warm-up, then constant)."""
     if warmup_steps < 0 or total_steps < 1 or not 0 <= min_lr_ratio <= 1:
         raise ValueError(f"need warmup_steps >= 0, total_steps >= 1 and 0 <= min_lr_ratio <= 1, got "
                          f"{warmup_steps=}, {total_steps=}, {min_lr_ratio=}")
+    schedule = WarmupCosineLR(optimizer, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
     if math.isfinite(total_steps):
-        warmup_steps = min(warmup_steps, int(total_steps))
-    # a partial (not a lambda) so that LambdaLR.state_dict can save it
-    return LambdaLR(optimizer, functools.partial(warmup_cosine, warmup_steps=warmup_steps,
-                                                 total_steps=total_steps, min_lr_ratio=min_lr_ratio))
+        schedule.set_total_steps(total_steps)
+    return schedule

@@ -16,9 +16,7 @@ trainer, `load_checkpoint`, N - K epochs. The shuffling order of epoch e is draw
 seeded with `seed + e`, and the global RNG states (dropout, augmentation) are checkpointed.
 """
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from .io import atomic_write
 from .optim import warmup_cosine, warmup_cosine_schedule  # noqa: F401  (warmup_cosine: public here too)
 
 PLAIN = (bool, int, float, str, type(None))
@@ -51,17 +50,9 @@ def plain_data(value: Any) -> Any:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """`torch.save` into a temporary file next to `path`, then `os.replace`: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`torch.save` that never leaves a half-written `path` (`hiertrans.io.atomic_write`)."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def rng_states() -> dict[str, Any]:

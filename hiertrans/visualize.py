@@ -5,17 +5,16 @@ No pyplot: figures are `matplotlib.figure.Figure` objects drawn on the Agg canva
 touches matplotlib's global state or needs a display.
 """
 
-import os
-import uuid
-
 import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from .io import atomic_write
 from .layers import attention_probs
-from .vit import HierarchialViT, MultiScaleAttention
+from .pyramid import MultiScaleAttention
+from .vit import HierarchialViT
 
 __all__ = ["attention_figure", "attention_maps", "visualize_attention"]
 
@@ -128,17 +127,5 @@ def visualize_attention(model: HierarchialViT, image: Tensor, save_path: str) ->
     leaves a half-written PNG behind.
     """
     fig = attention_figure(model, image)
-    path = os.path.abspath(os.fspath(save_path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    # a unique name next to the target (same filesystem, so the rename is atomic); opened with "x"
-    # rather than mkstemp so the file gets the usual umask permissions, not 0600
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(save_path, "wb") as f:
+        fig.savefig(f, format="png")

@@ -392,11 +392,14 @@ class HierarchialViT(nn.Module):
 HierarchicalViT = HierarchialViT  # the seed's spelling is kept as the primary name
 
 
-def build_hierarchical_model(config: Any, num_classes: int = 1000, img_size: IntOrPair | None = None,
-                             in_chans: int | None = None, **kwargs: Any) -> HierarchialViT:
-    """`HierarchialViT.from_config`, as a function (a `net` class path for configs)."""
-    return HierarchialViT.from_config(config, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
-                                      **kwargs)
+def build_hierarchical_model(hierarchy: Any, num_classes: int = 1000, img_size: int | None = None,
+                             in_chans: int | None = None, drop_path_rate: float = 0.0, drop_rate: float = 0.0,
+                             norm_eps: float = 1e-6) -> HierarchialViT:
+    """`HierarchialViT.from_config` as a function with its settings spelled out: the `net` class path
+    `hiertrans.build_hierarchical_model` of the configs, `hierarchy` in the dict/YAML form of
+    `hiertrans.hierarchical_configs` (`layers:` or `stages:`)."""
+    return HierarchialViT.from_config(hierarchy, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
+                                      drop_path_rate=drop_path_rate, drop_rate=drop_rate, norm_eps=norm_eps)
 
 
 # --- presets (timm style: named configs, overridable) ----------------------------------------------

@@ -1,7 +1,6 @@
 """Callbacks shared by the tasks."""
 
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -62,17 +61,14 @@ class SaveOnSigterm(Callback):
 
     Lightning turns SIGTERM into a `SIGTERMException` raised after the current batch has completed
     (under DDP at the start of the next one, on every rank together), so the state saved is a clean
-    step boundary and `fit --ckpt_path last` continues exactly there. The file is written under a
-    temporary name and renamed, so a second signal (SIGKILL after a grace period) cannot leave a
-    truncated `last.ckpt` behind.
+    step boundary and `fit --ckpt_path last` continues exactly there. Lightning writes checkpoints
+    atomically (a temporary file, then a rename), so a second signal (SIGKILL after a grace
+    period) cannot leave a truncated `last.ckpt` behind.
     """
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
         path = last_checkpoint_path(trainer)
-        tmp = path.with_name(f".{path.name}.tmp")
-        trainer.save_checkpoint(tmp)  # collective: every rank takes part, rank zero writes
-        if trainer.is_global_zero:
-            os.replace(tmp, path)
-            rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
+        trainer.save_checkpoint(path)  # collective: every rank takes part, rank zero writes
+        rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")

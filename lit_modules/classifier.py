@@ -1,60 +1,54 @@
-"""`ImageClassifier`: image classification with a HierarchialViT preset or any timm model.
+"""`ImageClassifier`: image classification with any classifier network `net`.
 
 Recipe (DeiT/timm style, sized down): AdamW with weight-decay groups, linear warm-up then cosine
 decay stepped per optimizer step, label-smoothed cross-entropy (soft targets under mixup/cutmix),
-stochastic depth, optional EMA of the weights for evaluation. Logs `train/loss`, `train/acc`,
+optional EMA of the weights for evaluation. Logs `train/loss`, `train/acc`,
 `train/images_per_sec`, `{val,test}/{loss,acc,acc_top5,f1}` and, on rank zero at every validation,
 the attention maps of a fixed validation image (`val/attention`) to loggers that take figures.
 Predict writes `path,label,probability` rows to the datamodule's `predictions_path` (a CSV,
 written atomically; it is a data setting because LightningCLI restores the model's own
 hyperparameters from `--ckpt_path`, so they cannot be changed on the command line at predict time).
+
+The network comes from the config (`model.init_args.net`): `hiertrans.HierarchialViT` with its
+arguments, a preset (`hiertrans.vit.preset`), a config-built hierarchy
+(`hiertrans.build_hierarchical_model`), or any timm model (`hiertrans.vit.timm_model`).
 """
 
 import csv
-import functools
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy
 
-from hiertrans.optim import no_weight_decay_names, param_groups, warmup_cosine_schedule
-from hiertrans.vit import PRESETS, HierarchialViT, MultiScaleAttention, create_model
+from hiertrans.io import atomic_write
+from hiertrans.metrics import split_metrics
+from hiertrans.optim import WarmupCosineLR
+from hiertrans.pyramid import MultiScaleAttention
+from hiertrans.vit import HierarchialViT
 
+from .task import Task
 from .throughput import StepRate
 
 
-def build_model(model_name: str, num_classes: int, img_size: int, in_chans: int = 3,
-                drop_path_rate: float = 0.0, drop_rate: float = 0.0, hierarchy: dict[str, Any] | None = None,
-                **kwargs: Any) -> nn.Module:
-    """A hiertrans preset (`hvit_*`, through `hiertrans.vit.create_model`), any timm model name, or,
-    when `hierarchy` is given, a model built from that hierarchy config (`model_name` is then only a
-    label; see `hiertrans.hierarchical_configs`)."""
-    common = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate,
-                  drop_rate=drop_rate)
-    if hierarchy is not None:
-        return HierarchialViT.from_config(hierarchy, img_size=img_size, **common, **kwargs)
-    if model_name in PRESETS:
-        return create_model(model_name, img_size=img_size, **common, **kwargs)
-    import timm
-
-    if not timm.is_model(model_name):
-        raise ValueError(f"unknown model_name {model_name!r}: use a hiertrans preset ({', '.join(PRESETS)}) "
-                         f"or a timm model name (see timm.list_models())")
-    try:
-        return timm.create_model(model_name, img_size=img_size, **common, **kwargs)
-    except TypeError as exc:  # size-agnostic models (pvt_v2, convnets) take no img_size
-        if "img_size" not in str(exc):
-            raise
-        return timm.create_model(model_name, **common, **kwargs)
+def num_classes_of(net: nn.Module) -> int:
+    """The class count of a classifier: its `num_classes` (timm's and hiertrans' models), else the
+    output width of its `head`."""
+    count = getattr(net, "num_classes", None)
+    if count is None:
+        count = getattr(getattr(net, "head", None), "out_features", None)
+    if not isinstance(count, int) or count < 2:
+        raise ValueError(f"net must be a classifier with num_classes >= 2 (a num_classes attribute or a Linear "
+                         f"head), got {type(net).__name__} with num_classes={count!r}")
+    return count
 
 
 def ema_update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor | int,
@@ -63,107 +57,59 @@ def ema_update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Ten
     averages are not dominated by the random initialisation."""
     n = int(num_averaged)
     d = min(decay, (1 + n) / (10 + n))
-    torch._foreach_lerp_(ema_params, params, 1.0 - d)
-
-
-def split_metrics(split: str, num_classes: int) -> MetricCollection:
-    """Top-1 accuracy, top-5 accuracy (only with more than 5 classes), macro F1: `<split>/acc`, ..."""
-    metrics = {"acc": MulticlassAccuracy(num_classes, average="micro"),
-               "f1": MulticlassF1Score(num_classes, average="macro")}
-    if num_classes > 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    # no compute groups: torchmetrics merges metrics whose states match after the first batch, a
-    # heuristic that went wrong here (val/f1 logged as 1.0 next to val/acc 0.89); these are cheap anyway
-    return MetricCollection(metrics, prefix=f"{split}/", compute_groups=False)
+    for ema, param in zip(ema_params, params):
+        ema.lerp_(param, 1.0 - d)
 
 
 def write_csv_atomic(path: str | Path, header: list[str], rows: list[list[Any]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
-class ImageClassifier(LightningModule):
-    """Image classifier: `images (B, in_chans, img_size, img_size) -> logits (B, num_classes)`.
+class ImageClassifier(Task):
+    """Image classifier task around `net`: `images (B, C, H, W) -> logits (B, num_classes)`.
 
     Batches are `(images, targets)` with targets `(B,)` class indices or `(B, num_classes)` soft
-    targets (mixup/cutmix); predict batches are `(images, paths)`.
+    targets (mixup/cutmix); predict batches are `(images, paths)`. The data's class count,
+    channels and image size are checked against the network's when a run starts.
 
     Args:
-        model_name: a hiertrans preset (`hvit_cifar`, `hvit_tiny`, ...) or any timm model name.
-        hierarchy: build the model from this hierarchy config instead (the dict form of
-            `hiertrans.hierarchical_configs.HierarchicalConfig`: `stages: [...]`, or the short form
-            `layers: [BasicLayerConfig fields]` + `get_hierarchical_configuration` keywords);
-            `model_name` is then only a label.
-        num_classes, img_size, in_chans: the data's; `num_classes` is checked against the
-            datamodule's in `setup()`.
-        drop_path_rate, drop_rate: stochastic depth (rising linearly over the blocks) and dropout.
-        model_kwargs: further constructor overrides, e.g. `{embed_dims: [32, 64, 96, 128]}`.
-        lr, weight_decay, betas: AdamW (no decay on norms, biases, position embeddings, class token).
-        warmup_fraction: linear warm-up over this fraction of all optimizer steps ...
-        warmup_steps: ... or over this many steps (overrides `warmup_fraction` when set).
-        min_lr_ratio: the cosine decay ends at `lr * min_lr_ratio`.
+        net: the classifier network (`model.init_args.net`); see the module docstring.
+        optimizer: called with the parameter groups (no weight decay on norms, biases, position
+            embeddings, class token); default AdamW(lr=1e-3, weight_decay=0.05).
+        scheduler: called with the optimizer, stepped per optimizer step; default linear warm-up
+            over 5% of the run, then cosine decay to 1% of the LR.
         label_smoothing: cross-entropy label smoothing.
         ema_decay: keep an exponential moving average of the weights and evaluate with it (None: off).
-        compile: `torch.compile` the training forward.
+        compile: `torch.compile(net, fullgraph=True)` for training.
         log_attention_every_val: log the attention-map figure of the first validation image.
     """
 
     def __init__(
         self,
-        model_name: str = "hvit_cifar",
-        num_classes: int = 10,
-        img_size: int = 32,
-        in_chans: int = 3,
-        drop_path_rate: float = 0.1,
-        drop_rate: float = 0.0,
-        model_kwargs: dict[str, Any] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_fraction: float = 0.05,
-        warmup_steps: int | None = None,
-        min_lr_ratio: float = 0.01,
+        net: nn.Module,
+        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05),
+        scheduler: LRSchedulerCallable | None = lambda optimizer: WarmupCosineLR(
+            optimizer, warmup_fraction=0.05, min_lr_ratio=0.01),
         label_smoothing: float = 0.1,
         ema_decay: float | None = None,
         compile: bool = False,
         log_attention_every_val: bool = True,
-        hierarchy: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        if lr <= 0 or weight_decay < 0:
-            raise ValueError(f"need lr > 0 and weight_decay >= 0, got {lr=}, {weight_decay=}")
-        if not 0 <= warmup_fraction < 1 or (warmup_steps is not None and warmup_steps < 0):
-            raise ValueError(f"need 0 <= warmup_fraction < 1 and warmup_steps >= 0 (or None), got "
-                             f"warmup_fraction={warmup_fraction!r}, warmup_steps={warmup_steps!r}")
-        if not 0 <= min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        super().__init__(net, optimizer, scheduler, compile)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1) or None (off), got {ema_decay!r}")
-        self.save_hyperparameters()
-        self.model = build_model(model_name, num_classes, img_size, in_chans, drop_path_rate, drop_rate,
-                                 hierarchy=hierarchy, **(model_kwargs or {}))
-        self.no_decay = no_weight_decay_names(self.model)  # now: an FSDP wrap would hide the shapes
+        self.save_plain_hyperparameters()
+        self.num_classes = num_classes = num_classes_of(net)
         self.ema: AveragedModel | None = None
         if ema_decay is not None:
-            self.ema = AveragedModel(self.model, multi_avg_fn=functools.partial(ema_update, decay=ema_decay),
+            self.ema = AveragedModel(net, multi_avg_fn=lambda e, p, n: ema_update(e, p, n, ema_decay),
                                      use_buffers=True)
             self.ema.requires_grad_(False)  # a shadow copy: DDP must not wait for its gradients
-        # not registered as a submodule, so checkpoints keep the plain `model.*` keys
-        self.__dict__["_compiled"] = torch.compile(self.model) if compile else None
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = split_metrics("val", num_classes)
         self.test_metrics = split_metrics("test", num_classes)
@@ -174,31 +120,34 @@ class ImageClassifier(LightningModule):
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
-        return (self._compiled if self._compiled is not None else self.model)(images)
+        return self.net(images)
 
     def eval_model(self) -> nn.Module:
         """The network used for validation, test and predict: the EMA when enabled."""
-        return self.ema.module if self.ema is not None else self.model
+        return self.ema.module if self.ema is not None else self.net
 
     # --- setup and checks -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         num_classes = getattr(datamodule, "num_classes", None)
-        if num_classes is not None and num_classes != self.hparams.num_classes:
+        if num_classes is not None and num_classes != self.num_classes:
             names = [str(n) for n in getattr(datamodule, "classes", [])]
             shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-            raise ValueError(f"model num_classes={self.hparams.num_classes} but the data has {num_classes} "
-                             f"classes ({shown}); set model.init_args.num_classes: {num_classes}")
-        in_chans = getattr(datamodule, "in_chans", None)
-        if in_chans is not None and in_chans != self.hparams.in_chans:
-            raise ValueError(f"model in_chans={self.hparams.in_chans} but the data has {in_chans}-channel "
-                             f"images; set model.init_args.in_chans: {in_chans}")
-        img_size = getattr(datamodule, "img_size", None)
-        if img_size is not None and img_size != self.hparams.img_size:
-            rank_zero_warn(f"model img_size={self.hparams.img_size} but the data is {img_size} px: position "
+            raise ValueError(f"the network has num_classes={self.num_classes} but the data has {num_classes} "
+                             f"classes ({shown}); set model.init_args.net.init_args.num_classes: {num_classes}")
+        in_chans, net_chans = getattr(datamodule, "in_chans", None), getattr(self.net, "in_chans", None)
+        if in_chans is not None and net_chans is not None and in_chans != net_chans:
+            raise ValueError(f"the network has in_chans={net_chans} but the data has {in_chans}-channel images; "
+                             f"set model.init_args.net.init_args.in_chans: {in_chans}")
+        img_size, net_size = getattr(datamodule, "img_size", None), getattr(self.net, "img_size", None)
+        if isinstance(net_size, (tuple, list)) and len(set(net_size)) == 1:
+            net_size = net_size[0]
+        if img_size is not None and net_size is not None and img_size != net_size:
+            rank_zero_warn(f"the network's img_size={net_size} but the data is {img_size} px: position "
                            f"embeddings are interpolated at every step; set both to the same size")
         if self.class_names is None and getattr(datamodule, "classes", None):
             self.class_names = list(datamodule.classes)
+        super().setup(stage)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["class_names"] = self.class_names  # predict can name classes without the training data
@@ -208,23 +157,10 @@ class ImageClassifier(LightningModule):
             self.class_names = list(checkpoint["class_names"])
 
     # --- optimisation ---------------------------------------------------------------------------
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay, self.no_decay), lr=hp.lr,
-                                      betas=tuple(hp.betas))
-        total = self.trainer.estimated_stepping_batches
-        if total == float("inf"):
-            raise ValueError("the LR schedule needs a finite length: set trainer.max_epochs or "
-                             "trainer.max_steps")
-        total = max(1, int(total))
-        warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_fraction * total)
-        scheduler = warmup_cosine_schedule(optimizer, min(warmup, total), total, hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:  # after every real optimizer step (gradient accumulation included)
-            self.ema.update_parameters(self.model)
+            self.ema.update_parameters(self.net)
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Label-smoothed cross-entropy; `targets` `(B,)` indices or `(B, K)` probabilities."""
@@ -310,7 +246,7 @@ class ImageClassifier(LightningModule):
         out = getattr(getattr(self.trainer, "datamodule", None), "predictions_path", None)
         if out is None:  # plain dataloaders: the probabilities returned by trainer.predict are all
             return
-        names = self.class_names or [str(i) for i in range(self.hparams.num_classes)]
+        names = self.class_names or [str(i) for i in range(self.num_classes)]
         table = [[path, names[label], f"{conf:.6f}"] for path, (label, conf) in sorted(rows.items())]
         write_csv_atomic(out, ["path", "label", "probability"], table)
         rank_zero_info(f"wrote {len(table)} predictions to {os.path.abspath(out)}")

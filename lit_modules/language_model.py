@@ -1,15 +1,17 @@
-"""Byte-level language modelling with `HierarchicalTransformer`."""
+"""Language modelling on byte windows: any causal LM `net`, `ids (b, n) -> logits (b, n, vocab)`."""
 
 import math
 
 import torch
-from lightning.pytorch import LightningModule
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from hiertrans import HierarchicalTransformer
-from hiertrans.optim import no_weight_decay_names, param_groups, warmup_cosine_schedule
+from hiertrans.optim import WarmupCosineLR
 
+from .task import Task
 from .throughput import StepRate
 
 # Marks positions without a target (padding of the last validation window): no byte takes it, so
@@ -17,79 +19,68 @@ from .throughput import StepRate
 IGNORE_INDEX = -1
 
 
-class LanguageModel(LightningModule):
-    """Trains a `HierarchicalTransformer` on batches of byte windows `(b, seq_len + 1)`.
+class LanguageModel(Task):
+    """Trains a causal language model `net` on batches of byte windows `(b, seq_len + 1)`.
 
-    Model arguments are those of `HierarchicalTransformer` (tuples give one value per hierarchy).
-    Logs `train/loss|ce|recon|hier_ar`, `train/tokens_per_sec`, `val/loss`, `val/bpb` (bits per
-    byte over the whole validation split) and a text sample at each validation.
+    `net` maps `ids (b, n) -> logits (b, n, num_tokens)` and has `seq_len` and `num_tokens`
+    attributes (`hiertrans.HierarchicalTransformer`, `hiertrans.Transformer`, or your own; see
+    `hiertrans.protocols.CausalLM`). A network with auxiliary losses declares their weights in
+    `net.aux_loss_weights` (`{"recon": 0.1, ...}`) and returns `(logits, {name: loss})` from
+    `net(ids, return_aux_losses=True)`; the task adds `weight * loss` to the cross-entropy and logs
+    each as `train/<name>`. Logs `train/loss|ce|bpb`, `train/tokens_per_sec`, `val/loss`, `val/bpb`
+    (bits per byte over the whole validation split, exactly) and a text sample at each validation.
     """
 
     def __init__(
         self,
-        # model
-        num_tokens: int = 256,
-        dim: int | tuple[int, ...] = 256,
-        depth: int = 4,
-        seq_len: int = 256,
-        dim_head: int | tuple[int, ...] = 64,
-        heads: int | tuple[int, ...] = 4,
-        ff_mult: int | tuple[int, ...] = 4,
-        hierarchies: int | tuple[int, ...] = (1, 2),
-        window_sizes: int | None | tuple[int | None, ...] = (32, None),
-        hierarchical_stride: int | tuple[int, ...] = 1,
-        hierarchy_merge_all: bool = False,
-        predict_hierarchy: int | None = None,
-        predict_use_all_hierarchy: bool = False,
-        recon_loss_weight: float = 0.1,
-        hierarchical_ar_loss_weight: float = 0.25,
-        # optimisation
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
+        net: nn.Module,
+        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(
+            params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1),
+        scheduler: LRSchedulerCallable | None = lambda optimizer: WarmupCosineLR(
+            optimizer, warmup_steps=100, min_lr_ratio=0.1),
         compile: bool = False,
-        # samples written to TensorBoard at each validation and by `predict`
         sample_length: int = 256,
         temperature: float = 0.8,
         filter_thres: float = 0.9,
     ):
-        super().__init__()
-        self.save_hyperparameters()
-        self.model = HierarchicalTransformer(
-            num_tokens=num_tokens, dim=dim, depth=depth, seq_len=seq_len, dim_head=dim_head, heads=heads,
-            ff_mult=ff_mult, hierarchies=hierarchies, window_sizes=window_sizes,
-            hierarchical_stride=hierarchical_stride, hierarchy_merge_all=hierarchy_merge_all,
-            predict_hierarchy=predict_hierarchy, predict_use_all_hierarchy=predict_use_all_hierarchy,
-            recon_loss_weight=recon_loss_weight, hierarchical_ar_loss_weight=hierarchical_ar_loss_weight,
-            ignore_index=IGNORE_INDEX,
-        )
-        self.no_decay = no_weight_decay_names(self.model)  # now: an FSDP wrap would hide the shapes
+        super().__init__(net, optimizer, scheduler, compile)
+        for name in ("seq_len", "num_tokens"):
+            if not isinstance(getattr(net, name, None), int):
+                raise TypeError(f"the language model's net must have an int attribute {name!r} "
+                                f"(hiertrans.protocols.CausalLM); {type(net).__name__} has none")
+        self.save_plain_hyperparameters()
         self.val_bpb, self.test_bpb = MeanMetric(), MeanMetric()
         self.step_rate = StepRate()
 
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_seq_len = getattr(data, "seq_len", None)
-        if data_seq_len is not None and data_seq_len > self.model.seq_len:
-            raise ValueError(f"data.seq_len={data_seq_len} is longer than model seq_len={self.model.seq_len}; "
-                             "set model.init_args.seq_len >= data.init_args.seq_len")
-        if self.hparams.compile and stage == "fit":
-            self.model.compile()
+        if data_seq_len is not None and data_seq_len > self.net.seq_len:
+            raise ValueError(f"data.init_args.seq_len={data_seq_len} is longer than the network's "
+                             f"model.init_args.net.init_args.seq_len={self.net.seq_len}; make the net's seq_len >= "
+                             f"the data's")
+        vocab = getattr(data, "vocab_size", None)
+        if vocab is not None and vocab > self.net.num_tokens:
+            raise ValueError(f"the data has {vocab} token values but model.init_args.net.init_args.num_tokens="
+                             f"{self.net.num_tokens}; set num_tokens: {vocab}")
+        super().setup(stage)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids)
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.net(ids)
 
-    def _loss(self, batch: torch.Tensor):
-        # windows hold seq_len + 1 bytes; IGNORE_INDEX pads only the tail, after every real byte
+    def losses(self, batch: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor]:
+        """`(total, ce, aux losses, labels)` for windows of `seq_len + 1` bytes."""
+        # IGNORE_INDEX pads only the tail, after every real byte
         inputs, labels = batch[:, :-1].clamp(min=0), batch[:, 1:]
-        return self.model(inputs, return_loss=True, labels=labels), labels
+        weights = getattr(self.net, "aux_loss_weights", None) or {}
+        logits, aux = self.net(inputs, return_aux_losses=True) if weights else (self.net(inputs), {})
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        total = ce + sum(weights[name] * loss for name, loss in aux.items())
+        return total, ce, aux, labels
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        (loss, (ce, recon, hier_ar)), _ = self._loss(batch)
-        self.log_dict({"train/loss": loss, "train/ce": ce, "train/recon": recon, "train/hier_ar": hier_ar},
-                      prog_bar=False)
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss, ce, aux, _ = self.losses(batch)
+        self.log_dict({"train/loss": loss, "train/ce": ce, **{f"train/{k}": v for k, v in aux.items()}})
         self.log("train/bpb", ce / math.log(2), prog_bar=True)
         rate = self.step_rate(batch[:, 1:].numel() * self.trainer.world_size)
         if rate is not None:
@@ -99,17 +90,17 @@ class LanguageModel(LightningModule):
     def on_train_epoch_start(self) -> None:
         self.step_rate.reset()  # validation time is not training throughput
 
-    def _eval_step(self, batch: torch.Tensor, split: str, bpb: MeanMetric) -> None:
-        (loss, (ce, _, _)), labels = self._loss(batch)
+    def _eval_step(self, batch: Tensor, split: str, bpb: MeanMetric) -> None:
+        loss, ce, _, labels = self.losses(batch)
         count = (labels != IGNORE_INDEX).sum()
         bpb.update(ce.detach() / math.log(2), weight=count)  # weighted by real bytes: exact over the split
         self.log(f"{split}/loss", loss, sync_dist=True, batch_size=batch.shape[0])
         self.log(f"{split}/bpb", bpb, prog_bar=True)
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_bpb)
 
-    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
         self._eval_step(batch, "test", self.test_bpb)
 
     def on_validation_epoch_end(self) -> None:
@@ -120,7 +111,7 @@ class LanguageModel(LightningModule):
     @rank_zero_only
     def _log_sample(self) -> None:
         experiment = getattr(self.logger, "experiment", None)
-        if not hasattr(experiment, "add_text"):
+        if not hasattr(experiment, "add_text") or not hasattr(self.net, "generate"):
             return
         prompt = getattr(self.trainer.datamodule, "prompt", None) or "\n"
         text = prompt + self.generate(prompt, self.hparams.sample_length)
@@ -130,23 +121,15 @@ class LanguageModel(LightningModule):
     def generate(self, prompt: str, length: int) -> str:
         """Continue `prompt` by `length` bytes, decoded as UTF-8."""
         ids = torch.tensor(list(prompt.encode("utf-8")), dtype=torch.long, device=self.device)
-        if ids.numel() > self.model.seq_len:
-            raise ValueError(f"prompt of {ids.numel()} bytes is longer than seq_len={self.model.seq_len}")
+        if ids.numel() > self.net.seq_len:
+            raise ValueError(f"prompt of {ids.numel()} bytes is longer than seq_len={self.net.seq_len}")
         if ids.numel() == 0:
             ids = torch.tensor([ord("\n")], device=self.device)
-        out = self.model.generate(ids, length, self.hparams.temperature, self.hparams.filter_thres)
+        out = self.net.generate(ids, length, self.hparams.temperature, self.hparams.filter_thres)
         return bytes(out.tolist()).decode("utf-8", errors="replace")
 
-    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> str:
+    def predict_step(self, batch: Tensor, batch_idx: int) -> str:
         prompt = bytes(batch[0].tolist()).decode("utf-8", errors="replace")
         text = prompt + self.generate(prompt, self.hparams.sample_length)
         self.print(text)
         return text
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups = param_groups(self.model, hp.weight_decay, self.no_decay)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        scheduler = warmup_cosine_schedule(optimizer, hp.warmup_steps, self.trainer.estimated_stepping_batches,
-                                  hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

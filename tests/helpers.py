@@ -40,3 +40,9 @@ def assert_plain_pytorch(fn: Callable[[], object]) -> None:
     `torch.compile` runs its graphs through a Function of its own (`CompiledFunction`)."""
     violations = plain_pytorch_violations(fn)
     assert not violations, f"not plain PyTorch: {violations}"
+
+
+# lm.yaml's network shrunk for tests: the CLI flags that give a 32-wide, one-layer, 32-byte-context model
+TINY_LM_ARGS = [*(f"--model.init_args.net.init_args.{k}" for k in ("dim=32", "depth=1", "heads=2", "dim_head=16",
+                                                                   "seq_len=32")),
+                "--data.init_args.seq_len=32", "--model.init_args.scheduler.init_args.warmup_steps=2"]

@@ -11,15 +11,24 @@ from PIL import Image
 from torch import nn
 
 from datamodules.images import ImageDataModule
+from hiertrans.optim import WarmupCosineLR
 from hiertrans.optim import param_groups as weight_decay_groups
-from lit_modules.classifier import ImageClassifier, build_model, ema_update
+from hiertrans.vit import create_model, timm_model
+from lit_modules.classifier import ImageClassifier, ema_update
 
 TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 1, 1])
 
 
+def tiny_net(**kwargs) -> nn.Module:
+    return create_model("hvit_cifar", **{**TINY, "num_classes": 3, **kwargs})
 
-def tiny(**kwargs) -> ImageClassifier:
-    return ImageClassifier(**{"model_kwargs": TINY, "num_classes": 3, "drop_path_rate": 0.0, **kwargs})
+
+def adamw(lr: float = 1e-3):
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+
+
+def tiny(net: nn.Module | None = None, **kwargs) -> ImageClassifier:
+    return ImageClassifier(net if net is not None else tiny_net(), **kwargs)
 
 
 def image_folder(root, per_class: int = 8, classes=("blue", "green", "red")):
@@ -39,7 +48,7 @@ def trainer(**kwargs) -> Trainer:
 
 
 def test_weight_decay_groups_exclude_norms_biases_pos_embeds():
-    model = tiny(model_kwargs={**TINY, "global_pool": "token"}).model  # with a class token
+    model = tiny(tiny_net(global_pool="token")).net  # with a class token
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = weight_decay_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
@@ -71,7 +80,7 @@ def test_a_few_steps_reduce_the_loss():
     images = torch.randn(24, 3, 32, 32)
     targets = torch.arange(24) % 3
     images[torch.arange(24), targets] += 2.0  # the class is the brightest channel
-    optimizer = torch.optim.AdamW(weight_decay_groups(module.model, 0.05), lr=3e-3)
+    optimizer = torch.optim.AdamW(weight_decay_groups(module.net, 0.05), lr=3e-3)
     losses = []
     for _ in range(30):
         loss = module.loss(module(images), targets)
@@ -100,21 +109,23 @@ def test_ema_update_warms_up():
 def test_fit_with_ema_schedule_and_metrics(tmp_path):
     torch.manual_seed(0)
     dm = ImageDataModule(image_folder(tmp_path), img_size=32, batch_size=8, val_fraction=0.25)
-    module = tiny(ema_decay=0.9, warmup_steps=2, lr=1e-3, min_lr_ratio=0.1)
-    before = [p.detach().clone() for p in module.model.parameters()]
+    module = tiny(ema_decay=0.9, optimizer=adamw(1e-3),
+                  scheduler=lambda opt: WarmupCosineLR(opt, warmup_steps=2, min_lr_ratio=0.1))
+    before = [p.detach().clone() for p in module.net.parameters()]
     t = trainer(max_epochs=2)
     t.fit(module, dm)  # 18 train images: 3 steps per epoch
     assert t.global_step == 6 and int(module.ema.n_averaged) == 6
     assert module.eval_model() is module.ema.module
     assert not any(p.requires_grad for p in module.ema.parameters())
-    ema, live = list(module.ema.module.parameters()), list(module.model.parameters())
+    ema, live = list(module.ema.module.parameters()), list(module.net.parameters())
     assert any(not torch.equal(e, p) for e, p in zip(ema, live))
     assert any(not torch.equal(e, b) for e, b in zip(ema, before))
     # warm-up over 2 steps, then cosine to 0.1 x lr at step 6
     scheduler = t.lr_scheduler_configs[0].scheduler
     assert t.lr_scheduler_configs[0].interval == "step"
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-4)
-    assert [scheduler.lr_lambdas[0](s) for s in (0, 1, 2)] == pytest.approx([0.5, 1.0, 1.0])
+    assert scheduler.total_steps == 6  # the run's length, from the trainer
+    assert [scheduler.multiplier(s) for s in (0, 1, 2)] == pytest.approx([0.5, 1.0, 1.0])
     metrics = t.callback_metrics
     assert {"val/loss", "val/acc", "val/f1", "train/acc"} <= metrics.keys()
     assert "val/acc_top5" not in metrics  # only with more than 5 classes
@@ -131,7 +142,7 @@ def test_in_memory_data_through_a_real_trainer(tmp_path):
     torch.manual_seed(0)
     dm = ImageDataModule(image_folder(tmp_path), img_size=32, batch_size=6, val_fraction=0.25, in_memory=True,
                          random_resized_crop=True, crop_scale=(0.6, 1.0), hflip=True)
-    module = tiny(lr=3e-3, warmup_steps=0, label_smoothing=0.0)
+    module = tiny(optimizer=adamw(3e-3), scheduler=None, label_smoothing=0.0)
     t = trainer(max_epochs=8, num_sanity_val_steps=0)
     t.fit(module, dm)
     assert t.callback_metrics["val/acc"] == 1.0  # one solid colour per class
@@ -140,16 +151,20 @@ def test_in_memory_data_through_a_real_trainer(tmp_path):
 
 def test_num_classes_must_match_the_data(tmp_path):
     dm = ImageDataModule(image_folder(tmp_path, per_class=2), img_size=32)
-    with pytest.raises(ValueError, match="num_classes=10 but the data has 3"):
-        trainer(max_steps=1).fit(tiny(num_classes=10), dm)
+    with pytest.raises(ValueError, match="num_classes=10 but the data has 3 classes.*net.init_args.num_classes: 3"):
+        trainer(max_steps=1).fit(tiny(tiny_net(num_classes=10)), dm)
 
 
-def test_bad_hyperparameters_and_model_names():
+def test_bad_hyperparameters_and_networks():
     with pytest.raises(ValueError, match="ema_decay"):
         tiny(ema_decay=1.5)
-    with pytest.raises(ValueError, match="unknown model_name 'nope'"):
-        build_model("nope", 10, 32)
-    pvt = build_model("pvt_v2_b0", num_classes=10, img_size=32)  # timm, size-agnostic: no img_size
+    with pytest.raises(TypeError, match="net must be a torch.nn.Module"):
+        ImageClassifier("hvit_cifar")
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        ImageClassifier(nn.Flatten())
+    with pytest.raises(ValueError, match="unknown timm model 'nope'"):
+        timm_model("nope")
+    pvt = ImageClassifier(timm_model("pvt_v2_b0", num_classes=10, img_size=32)).net  # size-agnostic: no img_size
     assert pvt(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
@@ -215,7 +230,7 @@ def test_cifar10_config_builds_model_and_data(tmp_path):
             "--trainer.logger=false", "--trainer.devices=1", "--data.init_args.num_workers=0"]
     cli = LightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True,
                        subclass_mode_data=True, auto_configure_optimizers=False, run=False, args=args)
-    assert isinstance(cli.model, ImageClassifier) and cli.model.hparams.model_name == "hvit_cifar"
+    assert isinstance(cli.model, ImageClassifier) and cli.model.hparams.net["init_args"]["name"] == "hvit_cifar"
     assert cli.model.ema is not None and cli.datamodule.num_classes == 10
     cli.datamodule.setup("fit")
     x, y = next(iter(cli.datamodule.train_dataloader()))

@@ -5,11 +5,11 @@ of imports each); one end-to-end case checks the real exit code and stderr of `p
 from pathlib import Path
 
 import pytest
+from helpers import TINY_LM_ARGS
 
 from hiertrans.cli import main
 
-TINY_LM = ["--model.init_args.dim=32", "--model.init_args.depth=1", "--model.init_args.heads=2",
-           "--model.init_args.dim_head=16", "--model.init_args.seq_len=32", "--data.init_args.seq_len=32",
+TINY_LM = [*TINY_LM_ARGS,
            "--data.init_args.val_fraction=0.1", "--data.init_args.test_fraction=0.1",
            "--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"]
 
@@ -48,8 +48,8 @@ def test_unknown_key(tmp_path, monkeypatch, capsys):
 
 
 def test_wrong_type_names_the_key(tmp_path, monkeypatch, capsys):
-    err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "lm.yaml", "--model.init_args.depth=abc")
-    assert "model.init_args.depth" in err and "abc" in err
+    err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "lm.yaml", "--model.init_args.net.init_args.depth=abc")
+    assert "model.init_args.net.init_args.depth" in err and "abc" in err
 
 
 def test_missing_config_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
@@ -58,7 +58,7 @@ def test_missing_config_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
 
 
 def test_invalid_model_hyperparameter(tmp_path, monkeypatch, capsys):
-    err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "lm.yaml", "--model.init_args.dim=-3")
+    err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "lm.yaml", "--model.init_args.net.init_args.dim=-3")
     assert "dim=-3" in err and "LanguageModel" in err
 
 
@@ -80,7 +80,7 @@ def test_model_and_data_seq_len_mismatch_after_the_logger_started(tmp_path, monk
     text = write(tmp_path / "c.txt", "hello world\n" * 400)
     err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "lm.yaml", *TINY_LM, f"--data.init_args.path={text}",
                "--data.init_args.seq_len=64")
-    assert "data.seq_len=64 is longer than model seq_len=32" in err
+    assert "data.init_args.seq_len=64 is longer than the network's model.init_args.net.init_args.seq_len=32" in err
 
 
 def _image_folder(root: Path, corrupt: bool) -> None:
@@ -94,7 +94,7 @@ def _image_folder(root: Path, corrupt: bool) -> None:
         (root / "val" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
 
 
-VIT = ["--model.init_args.num_classes=2", "--trainer.max_steps=1", "--trainer.enable_progress_bar=false"]
+VIT = ["--model.init_args.net.init_args.num_classes=2", "--trainer.max_steps=1", "--trainer.enable_progress_bar=false"]
 
 
 def test_corrupt_image_names_the_file(tmp_path, monkeypatch, capsys):
@@ -120,7 +120,7 @@ def test_prompt_longer_than_seq_len(tmp_path, monkeypatch, capsys):
 def test_traceback_flag_reraises_for_debugging(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="dim=-3"):
-        main(["fit", "--config", "lm.yaml", "--model.init_args.dim=-3", "--traceback"])
+        main(["fit", "--config", "lm.yaml", "--model.init_args.net.init_args.dim=-3", "--traceback"])
 
 
 def test_bugs_keep_their_traceback(tmp_path, monkeypatch):

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, read_scalars
+from helpers import TINY_LM_ARGS
 
-TINY = ["--model.init_args.dim=32", "--model.init_args.depth=1", "--model.init_args.heads=2",
-        "--model.init_args.dim_head=16", "--model.init_args.seq_len=32", "--model.init_args.warmup_steps=2",
-        "--model.init_args.sample_length=8", "--data.init_args.seq_len=32", "--data.init_args.batch_size=4",
+TINY = [*TINY_LM_ARGS, "--model.init_args.sample_length=8", "--data.init_args.batch_size=4",
         "--data.init_args.val_fraction=0.05", "--data.init_args.test_fraction=0.05"]
 
 

@@ -19,13 +19,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import ROOT
+from helpers import TINY_LM_ARGS
 
 TESTS = Path(__file__).resolve().parent
 STEPS, EVERY, PAUSE_AT = 12, 3, 5  # 4 batches per epoch: the periodic checkpoint at step 3 is mid-epoch
 
-ARGS = ["--model.init_args.dim=32", "--model.init_args.depth=1", "--model.init_args.heads=2",
-        "--model.init_args.dim_head=16", "--model.init_args.seq_len=32", "--model.init_args.warmup_steps=2",
-        "--data.init_args.seq_len=32", "--data.init_args.batch_size=4", "--data.init_args.path=corpus.txt",
+ARGS = [*TINY_LM_ARGS, "--data.init_args.batch_size=4", "--data.init_args.path=corpus.txt",
         "--data.init_args.val_fraction=0.05", "--data.init_args.test_fraction=0.05",
         "--data.init_args.train_samples_per_epoch=16", f"--trainer.max_steps={STEPS}", "--trainer.limit_val_batches=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.deterministic=true"]
@@ -181,18 +180,21 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
 
 def test_classifier_checkpoints_load_with_weights_only(tmp_path):
     """`class_names` and the hyperparameters are plain data: no pickled objects in our checkpoints."""
+    from hiertrans import HierarchialViT
     from lit_modules import ImageClassifier
 
-    module = ImageClassifier(num_classes=2, model_kwargs=dict(embed_dims=[8, 8, 8, 8], num_heads=[1, 1, 1, 1],
-                                                              depths=[1, 1, 1, 1], sr_ratios=[1, 1, 1, 1]))
+    net = HierarchialViT(img_size=32, num_classes=2, embed_dims=[8, 8, 8, 8], num_heads=[1, 1, 1, 1],
+                         depths=[1, 1, 1, 1], sr_ratios=[1, 1, 1, 1])
+    module = ImageClassifier(net)
     module.class_names = ["cat", "dog"]
     trainer = pl.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu")
     trainer.strategy.connect(module)
     trainer.save_checkpoint(tmp_path / "c.ckpt")
     ckpt = torch.load(tmp_path / "c.ckpt", weights_only=True)
-    assert ckpt["class_names"] == ["cat", "dog"] and ckpt["hyper_parameters"]["num_classes"] == 2
-    restored = ImageClassifier.load_from_checkpoint(tmp_path / "c.ckpt", weights_only=True)
+    assert ckpt["class_names"] == ["cat", "dog"] and ckpt["hyper_parameters"]["label_smoothing"] == 0.1
+    assert "net" not in ckpt["hyper_parameters"]  # built in Python: the network object is not pickled
+    restored = ImageClassifier.load_from_checkpoint(tmp_path / "c.ckpt", weights_only=True, net=net)
     assert restored.class_names == ["cat", "dog"]
 
 

@@ -3,16 +3,24 @@ import json
 import math
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import read_scalars
 
 from datamodules import ByteTextDataModule
-from hiertrans.optim import param_groups
+from hiertrans import HierarchicalTransformer, Transformer
+from hiertrans.optim import WarmupCosineLR, param_groups
 from lit_modules import LanguageModel, ValidateAtEnd
 
-TINY = dict(dim=32, depth=1, seq_len=32, heads=2, dim_head=16, hierarchies=(1, 2), window_sizes=(8, None),
-            warmup_steps=2, sample_length=8)
+TINY_NET = dict(num_tokens=256, dim=32, depth=1, seq_len=32, heads=2, dim_head=16, hierarchies=(1, 2),
+                window_sizes=(8, None), ignore_index=-1)
+
+
+def tiny(net=None) -> LanguageModel:
+    net = HierarchicalTransformer(**TINY_NET) if net is None else net
+    return LanguageModel(net, scheduler=lambda opt: WarmupCosineLR(opt, warmup_steps=2, min_lr_ratio=0.1),
+                         sample_length=8)
 
 
 def corpus(tmp_path) -> str:
@@ -28,9 +36,9 @@ def trainer(tmp_path, **kwargs) -> pl.Trainer:
 
 
 def test_weight_decay_groups_skip_norms_biases_and_embeddings():
-    module = LanguageModel(**TINY)
-    decay, keep = param_groups(module.model, 0.1)
-    names = {id(p): n for n, p in module.model.named_parameters()}
+    module = tiny()
+    decay, keep = param_groups(module.net, 0.1)
+    names = {id(p): n for n, p in module.net.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     kept = {names[id(p)] for p in keep["params"]}
     assert "token_emb.weight" in kept
@@ -43,27 +51,27 @@ def test_weight_decay_groups_survive_an_fsdp_style_wrap():
     flat 1-D pieces: the groups come from names computed on the unwrapped model, not from shapes."""
     from torch import nn
 
-    module = LanguageModel(**TINY)
-    before = [(len(g["params"]), g["weight_decay"]) for g in param_groups(module.model, 0.1)]
+    module = tiny()
+    before = [(len(g["params"]), g["weight_decay"]) for g in param_groups(module.net, 0.1)]
 
     class Wrapper(nn.Module):  # stands in for FullyShardedDataParallel around each layer
         def __init__(self, inner):
             super().__init__()
             self._fsdp_wrapped_module = inner
 
-    layers = module.model.layers
+    layers = module.net.layers
     for i in range(len(layers)):
         layers[i] = Wrapper(layers[i])
     with torch.no_grad():
-        for param in module.model.parameters():
+        for param in module.net.parameters():
             param.data = param.data.flatten()  # a rank's shard: 1-D whatever the parameter was
-    after = [(len(g["params"]), g["weight_decay"]) for g in param_groups(module.model, 0.1, module.no_decay)]
+    after = [(len(g["params"]), g["weight_decay"]) for g in param_groups(module.net, 0.1, module.no_decay)]
     assert after == before and before[0][0] > 0
 
 
 def test_val_bpb_is_exact_over_the_whole_split(tmp_path):
     data = ByteTextDataModule(corpus(tmp_path), seq_len=32, batch_size=5, val_fraction=0.05, test_fraction=0.05)
-    module = LanguageModel(**TINY)
+    module = tiny()
     (result,) = trainer(tmp_path).validate(module, datamodule=data, verbose=False)
 
     val = data.data[data.train_bytes : data.train_bytes + data.val_bytes].long()
@@ -72,7 +80,7 @@ def test_val_bpb_is_exact_over_the_whole_split(tmp_path):
         total, count = 0.0, 0
         for start in range(0, len(val) - 1, 32):
             window = val[start : start + 33]
-            logits = module.model(window[None, :-1])
+            logits = module.net(window[None, :-1])
             total += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
             count += len(window) - 1
     assert count == len(val) - 1  # every byte after the first is predicted exactly once
@@ -91,7 +99,7 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
     def run(root, ckpt_path=None, callbacks=()):
         pl.seed_everything(0)
         data = ByteTextDataModule(corpus(tmp_path), seq_len=32, batch_size=4, train_samples_per_epoch=12)
-        module = LanguageModel(**TINY)
+        module = tiny()
         saver = ModelCheckpoint(dirpath=root, every_n_train_steps=6, save_top_k=-1, filename="step{step}")
         t = trainer(root, max_steps=12, limit_val_batches=0, callbacks=[saver, *callbacks])
         t.fit(module, datamodule=data, ckpt_path=ckpt_path)
@@ -110,7 +118,7 @@ def test_fit_logs_losses_validates_at_the_end_and_samples(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     data = ByteTextDataModule(corpus(tmp_path), seq_len=32, batch_size=4, train_samples_per_epoch=400)
-    module = LanguageModel(**TINY)
+    module = tiny()
     logger = TensorBoardLogger(tmp_path, name="lm")
     trainer(tmp_path, max_steps=5, logger=logger, log_every_n_steps=1, limit_val_batches=2,
             callbacks=[ValidateAtEnd()]).fit(module, datamodule=data)
@@ -125,15 +133,28 @@ def test_fit_logs_losses_validates_at_the_end_and_samples(tmp_path):
     assert any("val/sample" in tag for tag in acc.Tags()["tensors"])
 
 
-def test_cli_fit_writes_tensorboard_run_and_checkpoint(run_cli, tmp_path):
-    """The acceptance command, on the shipped config and the default corpus."""
-    run_cli("fit", "--config", "lm.yaml", "--trainer.max_steps=20", "--trainer.limit_val_batches=2")
+def test_the_flat_baseline_trains_through_the_same_task(tmp_path):
+    data = ByteTextDataModule(corpus(tmp_path), seq_len=32, batch_size=4, train_samples_per_epoch=400)
+    module = tiny(Transformer(num_tokens=256, dim=32, depth=1, seq_len=32, heads=2, dim_head=16))
+    trainer(tmp_path, max_steps=3, limit_val_batches=2, callbacks=[ValidateAtEnd()]).fit(module, datamodule=data)
+    logged = set(module.trainer.callback_metrics)
+    assert {"train/loss", "train/ce", "val/bpb"} <= logged and "train/recon" not in logged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, net", [("lm.yaml", "HierarchicalTransformer"), ("lm_flat.yaml", "Transformer")])
+def test_cli_fit_writes_tensorboard_run_and_checkpoint(run_cli, tmp_path, config, net):
+    """The acceptance commands, on the shipped configs and the default corpus."""
+    printed = run_cli("fit", "--config", config, "--print_config").stdout
+    assert f"class_path: hiertrans.{net}\n" in printed
+    run_cli("fit", "--config", config, "--trainer.max_steps=20", "--trainer.limit_val_batches=2")
     scalars = read_scalars(tmp_path / "runs")
     assert "train/loss" in scalars and "val/bpb" in scalars and "lr-AdamW/decay" in scalars
     assert scalars["train/loss"][-1] < scalars["train/loss"][0]
     assert list((tmp_path / "runs").rglob("last.ckpt"))
 
 
+@pytest.mark.slow
 def test_cli_predict_generates_from_prompt(run_cli, tmp_path):
     data = corpus(tmp_path)
     small = ["--data.init_args.val_fraction=0.1", "--data.init_args.test_fraction=0.1"]  # a 28 KB corpus

@@ -1,0 +1,88 @@
+"""`Task`: what every training task shares. The network arrives as an argument, the optimizer and its
+schedule as callables from the config (LightningCLI's dependency-injection pattern), so a model
+argument is declared once, in the model:
+
+    model:
+      class_path: lit_modules.LanguageModel
+      init_args:
+        net:                                   # any nn.Module: its own class and arguments
+          class_path: hiertrans.HierarchicalTransformer
+          init_args: {num_tokens: 256, dim: 128, depth: 4, ...}
+        optimizer:                             # any torch.optim class; called with the param groups
+          class_path: torch.optim.AdamW
+          init_args: {lr: 2.0e-3, weight_decay: 0.1}
+        scheduler:                             # any LR scheduler class; called with the optimizer
+          class_path: hiertrans.optim.WarmupCosineLR
+          init_args: {warmup_steps: 100, min_lr_ratio: 0.1}
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from hiertrans.optim import WarmupCosineLR, no_weight_decay_names, param_groups
+
+PLAIN = (bool, int, float, str, type(None))
+
+
+def is_plain(value: Any) -> bool:
+    """JSON-like data (what a checkpoint loaded with `weights_only=True` may hold)."""
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return all(is_plain(v) for v in value)
+    return isinstance(value, PLAIN)
+
+
+class Task(LightningModule):
+    """A training task around `net`: weight-decay groups (decided on the unwrapped network, before any
+    sharding wrap), the optimizer and schedule callables, optional `torch.compile(fullgraph=True)`.
+
+    Weight decay applies to matrices only: not to norms, biases, embeddings, or what
+    `net.no_weight_decay()` names (position embeddings, class token). A `WarmupCosineLR` built
+    without `total_steps` runs for the trainer's `estimated_stepping_batches`; schedules step once
+    per optimizer step.
+    """
+
+    def __init__(self, net: nn.Module, optimizer: Any, scheduler: Any = None, compile: bool = False) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module (model.init_args.net.class_path), got {type(net).__name__}")
+        self.net = net
+        self.optimizer, self.scheduler, self.compile_net = optimizer, scheduler, compile
+        self.no_decay = no_weight_decay_names(net)  # now: an FSDP wrap would hide the shapes
+
+    def save_plain_hyperparameters(self) -> None:
+        """`save_hyperparameters()` keeping plain data only. Under LightningCLI the hyperparameters are
+        the parsed config (the network and optimizer as class paths and arguments), so
+        `load_from_checkpoint` rebuilds everything; built in Python, the network object itself is
+        left out (pass `net=` to `load_from_checkpoint`) and checkpoints stay `weights_only`-loadable."""
+        import inspect
+
+        frame = inspect.currentframe().f_back
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters(frame=frame)
+        for key in [k for k, v in self.hparams.items() if not is_plain(v) and not k.startswith("_")]:
+            del self.hparams[key]
+            self._hparams_initial.pop(key, None)
+
+    def setup(self, stage: str) -> None:
+        if self.compile_net and stage == "fit" and not getattr(self, "_compiled", False):
+            self.net.compile(fullgraph=True)  # in place: parameter names (and checkpoints) unchanged
+            self._compiled = True
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer(param_groups(self.net, no_decay=self.no_decay))
+        if self.scheduler is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler(optimizer)
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+            scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
