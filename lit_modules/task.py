@@ -25,6 +25,7 @@ from typing import Any
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from hiertrans import cpu_kernels
 from hiertrans.optim import WarmupCosineLR, no_weight_decay_names, param_groups
 
 PLAIN = (bool, int, float, str, type(None))
@@ -41,7 +42,8 @@ def is_plain(value: Any) -> bool:
 
 class Task(LightningModule):
     """A training task around `net`: weight-decay groups (decided on the unwrapped network, before any
-    sharding wrap), the optimizer and schedule callables, optional `torch.compile(fullgraph=True)`.
+    sharding wrap), the optimizer and schedule callables, optional `torch.compile(fullgraph=True)`,
+    and the optional CPU kernels (`hiertrans.cpu_kernels`) when `HIERTRANS_CPU_KERNELS=1`.
 
     Weight decay applies to matrices only: not to norms, biases, embeddings, or what
     `net.no_weight_decay()` names (position embeddings, class token). A `WarmupCosineLR` built
@@ -53,7 +55,7 @@ class Task(LightningModule):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module (model.init_args.net.class_path), got {type(net).__name__}")
-        self.net = net
+        self.net = cpu_kernels.apply(net) if cpu_kernels.requested() else net
         self.optimizer, self.scheduler, self.compile_net = optimizer, scheduler, compile
         self.no_decay = no_weight_decay_names(net)  # now: an FSDP wrap would hide the shapes
 

@@ -164,3 +164,11 @@ def test_cli_predict_generates_from_prompt(run_cli, tmp_path):
     proc = run_cli("predict", "--config", "lm.yaml", f"--ckpt_path={ckpt}", f"--data.init_args.path={data}", *small,
                    "--data.init_args.prompt=import json", "--model.init_args.sample_length=12")
     assert "import json" in proc.stdout
+
+
+def test_cpu_kernels_are_switched_on_by_the_environment(monkeypatch):
+    from hiertrans import cpu_kernels
+
+    assert type(tiny().net.to_logits) is torch.nn.Linear  # default: plain PyTorch
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, "1")
+    assert type(tiny().net.to_logits) is cpu_kernels.OneDNNLinear
