@@ -17,22 +17,30 @@ and backward are computed:
 | `token_shift`   | `layers.TokenShift` -> `CPUTokenShift`       | one copy each way, not chunk + pad + cat   |
 | `sliding_window`| `layers.Attention` -> `CPUAttention`         | one write each way for windowed keys/values|
 
-Each kernel runs only where it is defined to (fp32/fp64 CPU tensors with autograd recording, no
-`torch.func` transform or forward-mode AD; the oneDNN product also needs fp32, x86-64, no
-autocast and >= `ONEDNN_MIN_MACS` multiply-adds) and otherwise calls the plain op: outputs stay
-equal within rounding with the kernels on or off, on every device.
+Each kernel runs only on CPU tensors, outside `torch.func` transforms and forward-mode AD (the
+RMSNorm one in fp32/fp64 with autograd recording; the oneDNN product in fp32 on x86-64, outside
+autocast, for at least `ONEDNN_MIN_MACS` multiply-adds), and calls the plain op otherwise: outputs
+stay equal within rounding with the kernels on or off, on every device. Second derivatives work
+through all but the RMSNorm kernel, which refuses them (remove it for gradient penalties).
 
-Where they pay (the LM training step of configs/lm.yaml, eager, fp32; `bench/cpu_kernels.py`):
+Where they pay, measured (`python bench/cpu_kernels.py`: configs/lm.yaml's training step, eager
+fp32, with and without them, and each kernel's op alone at the step's shapes):
 
-- AMD EPYC Zen 5 (AVX-512), PyTorch's MKL: MKL takes its AVX-512 kernels on Intel CPUs only, and
-  fp32 products ran at 200-210 GFLOP/s where oneDNN's ran at 390-480; the whole LM step was
-  ~1.7x faster with the oneDNN linears and the other kernels (earlier sessions' machine).
-- AMD EPYC Zen 3 (family 25, AVX2 only, no AVX-512), 2 cores: not measured yet (`bench/cpu_kernels.py`).
-- Where they do not: GPUs (the swap is harmless there: every kernel falls back to the plain op,
-  and CUDA has fused RMSNorm backward and cuBLAS already); Intel CPUs, where MKL takes its best
-  kernels itself; `torch.compile`, whose generated code fuses the norm, shift and layout anyway
-  (the oneDNN product stays an opaque custom op `hiertrans::onednn_mm` inside the graph); and
-  higher-order or `torch.func` differentiation (the plain ops run there).
+- AMD EPYC Zen 3 (family 25; AVX2, no AVX-512), 2 cores, torch 2.14.1 on MKL 2024.2 / oneDNN
+  3.12, a VM shared with other jobs: they do not pay. MKL runs its AVX2 kernels
+  on this CPU, as fast as oneDNN (4096 x 128 -> 384: 71 vs 68 GFLOP/s; 2048^2: 48 vs 44), and
+  the `linear` op, forward + backward, took 0.94x MKL's speed. The RMSNorm, token-shift and window
+  layout kernels make their ops 1.58x, 1.17x and 1.24x faster, but those ops are a few percent
+  of the step: the whole step moved less than the noise (all kernels 0.90-1.10x, +-20% round
+  to round).
+- AMD EPYC Zen 5 (AVX-512), 2 cores (sessions 1-6): MKL takes its AVX-512 kernels on Intel CPUs
+  only and ran fp32 products at 200-210 GFLOP/s, oneDNN at 390-480; with the oneDNN linears the LM
+  step (dim 256, seq 1024, `bench/lm_throughput.py`) went from 1.49-1.60 to 1.06-1.09 s: 1.4-1.5x.
+  The other three kernels were part of the 1.13-1.31x the plain implementation measured then.
+- Not measured, expected not to pay: Intel CPUs (MKL takes its AVX-512 kernels there itself);
+  GPUs (every kernel falls back to the plain op: CUDA has a fused RMSNorm backward and cuBLAS; the
+  swap is harmless); `torch.compile`, whose generated code fuses the norm, shift and layout anyway
+  (the oneDNN product stays an opaque op, `hiertrans::onednn_mm`, in the graph).
 
 This is the only module of hiertrans that uses private PyTorch APIs (`torch.ops.mkldnn` and
 `torch._C`), each marked where it is used: the models' default paths are plain public PyTorch.
