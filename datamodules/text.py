@@ -1,30 +1,27 @@
 """Byte-level text corpora for the hierarchical language model.
 
-The whole corpus is one `torch.uint8` tensor; the vocabulary is the 256 byte values. It is split
-by position into train | val | test (never by sampling files, which would leak near-duplicate
-files across splits). Training draws random crops; validation and test walk their split once, in
-order, so their loss is the exact figure over every byte.
+The corpus is one `torch.uint8` tensor over a read-only memory map (`datamodules.corpus`: sources,
+caching, why); the vocabulary is the 256 byte values. It is split by position into
+train | val | test (never by sampling files, which would leak near-duplicate files across splits).
+Training draws random crops; validation and test walk their split once, in order, so their loss
+is the exact figure over every byte. The datasets hold views of the map and pickle by reference,
+so DDP ranks and loader workers (fork, spawn or forkserver) share one copy in the page cache.
 
-Corpus sources (`path`):
-- `None`: the Python standard library's own source, every `.py` file under
-  `sysconfig.get_paths()["stdlib"]` sorted by relative posix path, without `site-packages`,
-  `dist-packages` (installed packages differ between machines) and `__pycache__`.
-- a file: its bytes, as they are; a `.gz` file is decompressed. enwik8 (exactly 100,000,000
-  bytes, or a name containing "enwik8") takes the standard 90% / 5% / 5% split (90M/5M/5M).
-- a directory: every file below it, recursively in sorted order, that is not hidden (no
-  component starting with ".") and looks like text (its first 8 KiB contain no NUL byte).
+Corpus sources (`path`, with `text_column` for Hugging Face data sets):
+- `None`: the Python standard library's own source (every `.py` file, sorted, no installed packages).
+- a file: its bytes, as they are; a `.gz` file is decompressed (once, into the cache). enwik8
+  (exactly 100,000,000 bytes, or a name containing "enwik8") takes the standard 90/5/5 split.
+- a directory: every non-hidden file below it that looks like text, in sorted order.
+- a `Dataset.save_to_disk` folder, or a `.parquet`, `.jsonl` or `.arrow` file: the rows of
+  `text_column`, UTF-8.
 
-Files are joined with one newline between consecutive non-empty files (a visible boundary that
-costs one byte); empty files contribute nothing.
+Files (and data-set rows) are joined with one newline between consecutive non-empty ones (a
+visible boundary that costs one byte); empty ones contribute nothing.
 """
 
 from __future__ import annotations
 
-import gzip
-import os
-import sysconfig
 from collections.abc import Iterator, Sequence, Sized
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,102 +30,27 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-ENWIK8_BYTES = 100_000_000
-SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB marks a file as binary
-STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+from .corpus import (
+    ENWIK8_BYTES,
+    SNIFF_BYTES,
+    STDLIB_SKIP_DIRS,
+    CorpusError,
+    document_starts,
+    find_source,
+    is_enwik8,
+    load_corpus,
+    open_source,
+    pickle_state,
+    split_sizes,
+    stdlib_files,
+    text_files,
+    unpickle_state,
+)
 
-# Loaded corpora, keyed by (path, mtime_ns, size) of every source file: repeated setup() calls
-# (fit, then test, or many datamodules in one test session) read the disk once.
-_CORPUS_CACHE: dict[tuple, Tensor] = {}
-
-
-# ---------------------------------------------------------------------------------------------
-# corpus loading
-
-
-def _sorted_walk(root: Path, keep_dir, keep_file) -> list[Path]:
-    """Files under `root` accepted by the filters, sorted by relative posix path (OS-independent)."""
-    rels = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        # pruning in place keeps os.walk out of skipped trees (site-packages is most of the time)
-        dirnames[:] = [d for d in dirnames if keep_dir(d)]
-        rel = Path(dirpath).relative_to(root)
-        rels += [(rel / f).as_posix() for f in filenames if keep_file(f)]
-    return [root / r for r in sorted(rels)]
-
-
-def stdlib_files(root: str | os.PathLike | None = None) -> list[Path]:
-    """The default corpus' files: every `.py` under the stdlib, sorted, without installed packages."""
-    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
-    return _sorted_walk(root, lambda d: d not in STDLIB_SKIP_DIRS, lambda f: f.endswith(".py"))
-
-
-def _looks_like_text(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return b"\0" not in f.read(SNIFF_BYTES)
-
-
-def text_files(directory: str | os.PathLike) -> list[Path]:
-    """Non-hidden files under `directory` whose first 8 KiB hold no NUL byte, sorted by relative path."""
-    files = _sorted_walk(Path(directory), lambda d: not d.startswith("."), lambda f: not f.startswith("."))
-    return [f for f in files if f.is_file() and _looks_like_text(f)]
-
-
-def _read(path: Path) -> bytes:
-    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-
-
-def _describe(path: str | os.PathLike | None) -> str:
-    return f"the stdlib .py files under {sysconfig.get_paths()['stdlib']}" if path is None else str(path)
-
-
-def load_corpus(path: str | os.PathLike | None = None) -> Tensor:
-    """The corpus at `path` (see the module docstring; `None` = the stdlib) as one uint8 tensor.
-
-    Cached in-process; raises `ValueError` for a missing path or an empty corpus.
-    """
-    if path is None:
-        root = sysconfig.get_paths()["stdlib"]
-        files = stdlib_files(root)
-        if not files:
-            raise ValueError(f"default corpus is empty: no .py files under {root} "
-                             f"(outside {', '.join(sorted(STDLIB_SKIP_DIRS))})")
-    else:
-        p = Path(path).expanduser()
-        if not p.exists():
-            raise ValueError(f"corpus path {str(p)!r} does not exist")
-        if p.is_dir():
-            files = text_files(p)
-            if not files:
-                raise ValueError(f"no text files in directory {str(p)!r}: looked for non-hidden files "
-                                 f"whose first {SNIFF_BYTES} bytes contain no NUL byte")
-        else:
-            files = [p]
-    key = tuple((str(f), st.st_mtime_ns, st.st_size) for f in files for st in (f.stat(),))
-    if key in _CORPUS_CACHE:
-        return _CORPUS_CACHE[key]
-    data = b"\n".join(blob for blob in map(_read, files) if blob)
-    if not data:
-        raise ValueError(f"corpus is empty: {_describe(path)} holds no bytes")
-    # bytearray: torch.frombuffer wants a writable buffer (we never write to it)
-    corpus = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    _CORPUS_CACHE[key] = corpus
-    return corpus
-
-
-def is_enwik8(path: str | os.PathLike | None, num_bytes: int) -> bool:
-    """enwik8 is recognised by its exact size or by name, and then takes its standard split."""
-    return num_bytes == ENWIK8_BYTES or (path is not None and "enwik8" in Path(path).name)
-
-
-def split_sizes(num_bytes: int, val_fraction: float, test_fraction: float,
-                enwik8: bool = False) -> tuple[int, int, int]:
-    """(train, val, test) byte counts; val and test round down, train takes the rest."""
-    if enwik8:  # 90M / 5M / 5M for the real file; the same proportions for a truncated copy
-        val_fraction = test_fraction = 0.05
-    n_val, n_test = int(num_bytes * val_fraction), int(num_bytes * test_fraction)
-    return num_bytes - n_val - n_test, n_val, n_test
-
+# the corpus API lived here before datamodules.corpus: importers of datamodules.text keep working
+__all__ = ["ENWIK8_BYTES", "SNIFF_BYTES", "STDLIB_SKIP_DIRS", "ByteTextDataModule", "CorpusError", "EpochSampler",
+           "RandomCropDataset", "ShardSampler", "WindowDataset", "document_starts", "is_enwik8", "load_corpus",
+           "split_sizes", "stdlib_files", "text_files"]
 
 # ---------------------------------------------------------------------------------------------
 # datasets and samplers
@@ -160,6 +82,13 @@ class RandomCropDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    # a mapped corpus travels to spawned workers as a file reference, not as its bytes
+    def __getstate__(self) -> dict:
+        return pickle_state(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(unpickle_state(state))
 
     def offsets(self, epoch: int) -> Tensor:
         """Start positions of the epoch's crops (computed once per epoch and process)."""
@@ -220,6 +149,12 @@ class WindowDataset(Dataset):
     def __init__(self, data: Tensor, seq_len: int, pad_id: int = -1):
         self.data, self.seq_len, self.pad_id = data, seq_len, pad_id
 
+    def __getstate__(self) -> dict:
+        return pickle_state(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(unpickle_state(state))
+
     def __len__(self) -> int:
         return max(0, -(-(len(self.data) - 1) // self.seq_len))  # ceil((n - 1) / seq_len)
 
@@ -269,7 +204,8 @@ class ByteTextDataModule(LightningDataModule):
     Train: `train_samples_per_epoch` random crops per epoch (in total, over all ranks), different
     every epoch and reproducible from (seed, epoch). Val/test: their whole split once, in order, in
     windows padded with `pad_id` at the very end. Predict: the UTF-8 bytes of `prompt`, batch size 1.
-    See the module docstring for what `path` may be.
+    See the module docstring for what `path` may be; `text_column` names the column of a Hugging
+    Face data set that holds the text. `data` is the whole corpus, `(num_bytes,)` uint8, read-only.
     """
 
     vocab_size: int = 256
@@ -286,6 +222,7 @@ class ByteTextDataModule(LightningDataModule):
         seed: int = 0,
         prompt: str = "def ",
         pad_id: int = -1,
+        text_column: str = "text",
     ):
         super().__init__()
         if seq_len < 1:
@@ -305,11 +242,13 @@ class ByteTextDataModule(LightningDataModule):
             raise ValueError(f"pad_id={pad_id} is a byte value; use an index no byte takes, e.g. -1")
         if not prompt:
             raise ValueError("prompt must be a non-empty string (generation needs at least one byte)")
+        if not isinstance(text_column, str) or not text_column:
+            raise ValueError(f"text_column must be a non-empty column name, got {text_column!r}")
         self.save_hyperparameters()
         self.path, self.seq_len, self.batch_size = path, seq_len, batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.train_samples_per_epoch, self.num_workers, self.seed = train_samples_per_epoch, num_workers, seed
-        self.prompt, self.pad_id = prompt, pad_id
+        self.prompt, self.pad_id, self.text_column = prompt, pad_id, text_column
         self.data: Tensor | None = None
         self.train_bytes = self.val_bytes = self.test_bytes = 0
 
@@ -328,7 +267,10 @@ class ByteTextDataModule(LightningDataModule):
         """Load and split the corpus (once); raises `ValueError` if any split is too short."""
         if self.data is not None:
             return
-        data = load_corpus(self.path)
+        source = find_source(self.path, self.text_column)
+        # one process per machine builds a cache (others wait for it); only global rank zero draws its progress
+        local_rank, global_rank = (getattr(self.trainer, name, 0) for name in ("local_rank", "global_rank"))
+        data = open_source(source, leader=local_rank == 0, show_progress=global_rank == 0)
         enwik8 = is_enwik8(self.path, len(data))
         n_train, n_val, n_test = split_sizes(len(data), self.val_fraction, self.test_fraction, enwik8)
         need = self.seq_len + 1
@@ -338,7 +280,7 @@ class ByteTextDataModule(LightningDataModule):
                 continue  # a split asked to be empty stays empty (its dataloader yields nothing)
             if size < need:
                 hint = "smaller val/test fractions" if name == "train" else f"a larger {name}_fraction"
-                raise ValueError(f"{name} split of {_describe(self.path)} has {size} bytes but seq_len="
+                raise ValueError(f"{name} split of {source.description} has {size} bytes but seq_len="
                                  f"{self.seq_len} needs at least {need}: use a smaller seq_len or {hint}")
         self.data = data
         self.train_bytes, self.val_bytes, self.test_bytes = n_train, n_val, n_test
@@ -348,7 +290,7 @@ class ByteTextDataModule(LightningDataModule):
         self.val_set = WindowDataset(val, self.seq_len, self.pad_id)
         self.test_set = WindowDataset(test, self.seq_len, self.pad_id)
         rank_zero_info(
-            f"ByteTextDataModule: {len(data):,} bytes from {_describe(self.path)}"
+            f"ByteTextDataModule: {len(data):,} bytes from {source.description}"
             f"{' (enwik8 split)' if enwik8 else ''}: train {n_train:,} | val {n_val:,} ({len(self.val_set)} "
             f"windows) | test {n_test:,} ({len(self.test_set)} windows), seq_len={self.seq_len}"
         )
