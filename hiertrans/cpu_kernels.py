@@ -27,12 +27,12 @@ Where they pay, measured (`python bench/cpu_kernels.py`: configs/lm.yaml's train
 fp32, with and without them, and each kernel's op alone at the step's shapes):
 
 - AMD EPYC Zen 3 (family 25; AVX2, no AVX-512), 2 cores, torch 2.14.1 on MKL 2024.2 / oneDNN
-  3.12, a VM shared with other jobs: they do not pay. MKL runs its AVX2 kernels
-  on this CPU, as fast as oneDNN (4096 x 128 -> 384: 71 vs 68 GFLOP/s; 2048^2: 48 vs 44), and
-  the `linear` op, forward + backward, took 0.94x MKL's speed. The RMSNorm, token-shift and window
-  layout kernels make their ops 1.58x, 1.17x and 1.24x faster, but those ops are a few percent
-  of the step: the whole step moved less than the noise (all kernels 0.90-1.10x, +-20% round
-  to round).
+  3.12, a VM shared with other jobs: they do not pay. MKL runs AVX2 kernels on this CPU as fast
+  as oneDNN (two threads: 108 vs 96-116 GFLOP/s on the step's products and on 2048^2), and the
+  `linear` op, forward + backward, ran at 0.94-1.04x. The RMSNorm, token-shift and window-layout
+  kernels make their ops 1.55x, 1.0-1.17x and 1.21-1.24x faster, but those ops are a few percent
+  of the step: the whole step with all kernels ran at 0.85-1.10x plain's speed (best and median
+  steps, one and two threads), within this machine's noise.
 - AMD EPYC Zen 5 (AVX-512), 2 cores (sessions 1-6): MKL takes its AVX-512 kernels on Intel CPUs
   only and ran fp32 products at 200-210 GFLOP/s, oneDNN at 390-480; with the oneDNN linears the LM
   step (dim 256, seq 1024, `bench/lm_throughput.py`) went from 1.49-1.60 to 1.06-1.09 s: 1.4-1.5x.
