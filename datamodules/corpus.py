@@ -30,7 +30,7 @@ through that layer. One concatenated file costs one sequential pass and the corp
 once, and then every read is a zero-copy slice. A single file is already that stream, so it is
 mapped where it is. Data sets must be converted anyway (Arrow rows -> one byte stream).
 
-The cache lives under `datamodules.images.cache_dir()/text` (`$HIERTRANS_CACHE` moves it), one
+The cache lives under `hiertrans.io.cache_dir()/text` (`$HIERTRANS_CACHE` moves it), one
 directory per source version, named after a fingerprint of the source (paths, sizes and
 modification times of its files; a `save_to_disk` folder's own `_fingerprint`; the column): a
 changed source is rebuilt and the stale entry removed. Each entry holds `corpus.bin` (the stream),
@@ -71,7 +71,7 @@ try:  # POSIX advisory locks; elsewhere concurrent builders still cannot corrupt
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-from hiertrans.io import atomic_directory, atomic_write
+from hiertrans.io import atomic_directory, atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,6 @@ def find_source(path: str | os.PathLike | None = None, text_column: str = "text"
 
 def corpus_cache() -> Path:
     """Where built corpora live: `<hiertrans cache>/text` (`$HIERTRANS_CACHE` moves it)."""
-    from .images import cache_dir  # here, not at the top: images imports this package's text module
-
     return cache_dir() / "text"
 
 
@@ -419,18 +417,14 @@ def _build_from_gzip(source: Source, writer: CorpusWriter, show: bool) -> None:
         writer.add_document(_gunzipped_blocks(source, raw, bar))
 
 
+# kind -> builder; datamodules.hf_text adds the Hugging Face kinds (datamodules/__init__ imports it)
 BUILDERS: dict[str, Callable[[Source, CorpusWriter, bool], None]] = {
     "stdlib": _build_from_files, "directory": _build_from_files, "gzip": _build_from_gzip}
 
 
 def build_corpus(source: Source, directory: Path, show_progress: bool = True) -> None:
     """Write `source`'s byte stream and document index into the (empty) `directory`."""
-    if source.is_dataset:
-        from .hf_text import build_from_dataset  # imports datasets: only when a data set is converted
-
-        builder = build_from_dataset
-    else:
-        builder = BUILDERS[source.kind]
+    builder = BUILDERS[source.kind]
     writer = CorpusWriter(directory)
     try:
         builder(source, writer, show_progress)

@@ -15,7 +15,17 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .corpus import COPY_BYTES, PROGRESS_MIN_BYTES, CorpusError, CorpusWriter, Source, progress_bar
+from .corpus import (
+    BUILDERS,
+    COPY_BYTES,
+    HF_FILE_SUFFIXES,
+    PROGRESS_MIN_BYTES,
+    CorpusError,
+    CorpusWriter,
+    Source,
+    corpus_cache,
+    progress_bar,
+)
 
 ROWS_PER_BATCH = 1024  # rows datasets hands over at a time; blocks are cut to <= COPY_BYTES anyway
 
@@ -55,8 +65,6 @@ def _open(source: Source):
     first (without HF_DATASETS_OFFLINE=1), which an offline cluster node answers with a timeout.
     """
     import datasets
-
-    from .corpus import corpus_cache
 
     if source.kind == "saved":
         return datasets.load_from_disk(str(source.path))
@@ -180,3 +188,6 @@ def build_from_dataset(source: Source, writer: CorpusWriter, show: bool) -> None
     if documents == 0:
         raise CorpusError(f"data set {source.path} is empty: column {source.text_column!r} has no non-empty "
                           f"text in its {rows} rows")
+
+
+BUILDERS.update(dict.fromkeys(("saved", *HF_FILE_SUFFIXES.values()), build_from_dataset))

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.transforms import v2
 
-from hiertrans.io import atomic_directory
+from hiertrans.io import atomic_directory, cache_dir
 
 from .text import ShardSampler
 
@@ -184,14 +184,6 @@ def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tupl
 
 
 # ----------------------------------------------------------------------------- digits cache
-
-
-def cache_dir() -> Path:
-    """`$HIERTRANS_CACHE`, else `$XDG_CACHE_HOME/hiertrans`, else `~/.cache/hiertrans`."""
-    if os.environ.get("HIERTRANS_CACHE"):
-        return Path(os.environ["HIERTRANS_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "hiertrans"
 
 
 def prepare_digits(cache: str | Path | None = None) -> Path:

@@ -1,4 +1,5 @@
-"""Writes that never leave anything half-done on disk: the one place that does temp-file + rename."""
+"""Files on disk: writes that never leave anything half-done (the one place that does temp-file +
+rename), and where hiertrans caches what it builds."""
 
 from __future__ import annotations
 
@@ -65,3 +66,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path | None]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a no-op once the rename succeeded
+
+
+def cache_dir() -> Path:
+    """`$HIERTRANS_CACHE`, else `$XDG_CACHE_HOME/hiertrans`, else `~/.cache/hiertrans`."""
+    if os.environ.get("HIERTRANS_CACHE"):
+        return Path(os.environ["HIERTRANS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hiertrans"

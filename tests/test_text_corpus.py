@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_LM_ARGS
 
 from datamodules import ByteTextDataModule, corpus
 from datamodules.corpus import (
@@ -407,9 +408,7 @@ def test_loader_workers_share_the_map(tmp_path):
 
 # ---- the CLI (subprocesses, a few seconds each)
 
-TINY = ["--model.init_args.dim=32", "--model.init_args.depth=1", "--model.init_args.heads=2",
-        "--model.init_args.dim_head=16", "--model.init_args.seq_len=32", "--model.init_args.warmup_steps=2",
-        "--model.init_args.sample_length=8", "--data.init_args.seq_len=32", "--data.init_args.batch_size=4",
+TINY = [*TINY_LM_ARGS, "--model.init_args.sample_length=8", "--data.init_args.batch_size=4",
         "--data.init_args.val_fraction=0.1", "--data.init_args.test_fraction=0.1", "--trainer.max_steps=2",
         "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false"]
