@@ -40,7 +40,8 @@ def test_non_editable_install_finds_its_configs_from_any_directory(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hiertrans", "fit", "--config", "vit.yaml", "--print_config"],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "class_path: lit_modules.classifier.ImageClassifier" in proc.stdout
+    assert "class_path: lit_modules.ImageClassifier" in proc.stdout
+    assert "class_path: hiertrans.HierarchialViT" in proc.stdout  # the network, injected by the config
     origin = subprocess.run([sys.executable, "-c", "import hiertrans; print(hiertrans.__file__)"], cwd=cwd, env=env,
                             capture_output=True, text=True, check=True).stdout
     assert origin.startswith(str(target))

@@ -330,13 +330,17 @@ def test_short_yaml_form_is_get_hierarchical_configuration():
 
 
 def test_shipped_yaml_hierarchies_build():
-    spec = yaml.safe_load((ROOT / "configs" / "metaformer_cifar10.yaml").read_text())["model"]["init_args"]
-    model = HierarchialViT.from_config(spec["hierarchy"], num_classes=spec["num_classes"], img_size=spec["img_size"])
+    def net_args(name: str) -> dict:
+        net = yaml.safe_load((ROOT / "configs" / name).read_text())["model"]["init_args"]["net"]
+        assert net["class_path"] == "hiertrans.build_hierarchical_model"
+        return net["init_args"]
+
+    spec = net_args("metaformer_cifar10.yaml")
+    model = build_hierarchical_model(**spec)
     reference = HierarchialViT.from_config(metaformer_cifar_config(), num_classes=10)
     assert n_params(model) == n_params(reference)
     assert HierarchicalConfig.from_dict(spec["hierarchy"]) == metaformer_cifar_config()
-    spec = yaml.safe_load((ROOT / "configs" / "metaformer_digits.yaml").read_text())["model"]["init_args"]
-    model = HierarchialViT.from_config(spec["hierarchy"], num_classes=10, img_size=32)
+    model = build_hierarchical_model(**net_args("metaformer_digits.yaml"))
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
@@ -381,6 +385,7 @@ def test_attention_maps_of_config_built_attention_models():
 
 # --- training through the CLI -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_fit_on_the_embedded_digits(run_cli, tmp_path, monkeypatch):
     """`python -m hiertrans fit --config metaformer_cifar10.yaml` on the digits, 3 steps of 16 images."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # busy shared cores: more threads only spin-wait
@@ -392,11 +397,11 @@ def test_cli_fit_on_the_embedded_digits(run_cli, tmp_path, monkeypatch):
     run = tmp_path / "runs" / "metaformer_cifar10" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["model"]["init_args"]["hierarchy"]["layers"][0]["attention_mechanism"] == "pooling"
+    assert saved["model"]["init_args"]["net"]["init_args"]["hierarchy"]["layers"][0]["attention_mechanism"] == "pooling"
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert any(k.startswith("model.stages.3.blocks.1.token_mixer.") for k in checkpoint["state_dict"])
+    assert any(k.startswith("net.stages.3.blocks.1.token_mixer.") for k in checkpoint["state_dict"])
     from lit_modules.classifier import ImageClassifier
 
     module = ImageClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
-    assert module.model.hierarchical_config == metaformer_cifar_config()  # rebuilt from the saved hierarchy
+    assert module.net.hierarchical_config == metaformer_cifar_config()  # rebuilt from the saved hierarchy
     assert module.eval_model()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
