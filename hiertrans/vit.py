@@ -28,6 +28,7 @@ from timm.models import register_model
 from torch import Tensor, nn
 
 from .hierarchical_configs import HierarchicalConfig, as_hierarchical_config, check_sequence_lengths, infer_img_size
+from .hub import HubMixin
 from .layers import linear_drop_path_rates
 from .layers.spatial import PosConv, to_map
 from .pyramid import (
@@ -47,7 +48,7 @@ from .pyramid import (
 
 __all__ = ["PRESETS", "HierarchialViT", "HierarchicalStage", "HierarchicalViT", "MultiScaleAttention",
            "PatchEmbed", "PosConv", "SpatialReductionBlock", "build_hierarchical_model", "conv_out", "create_model",
-           "preset", "timm_model"]
+           "preset", "pretrained", "timm_model"]
 
 
 def per_stage(value: Any, num_stages: int) -> tuple:
@@ -80,7 +81,8 @@ def init_conv_fan_out(conv: nn.Conv2d) -> None:
         nn.init.zeros_(conv.bias)
 
 
-class HierarchialViT(nn.Module):
+class HierarchialViT(nn.Module, HubMixin,
+                     coders={HierarchicalConfig: (HierarchicalConfig.to_dict, HierarchicalConfig.from_dict)}):
     """Hierarchical (PVT v1 style) vision transformer: `(b, in_chans, H, W) -> (b, num_classes)`.
 
     Four stages (by default) of patch embedding + position embedding + spatial-reduction
@@ -105,6 +107,10 @@ class HierarchialViT(nn.Module):
     Shapes: `forward_features -> (b, prefix + h4*w4, embed_dims[-1])` (final-normed tokens),
     `forward_head -> (b, num_classes)` (or `(b, num_features)` with `pre_logits=True`),
     `forward_feature_maps -> [(b, embed_dims[i], h_i, w_i)]`.
+
+    Weights: `model.save_pretrained(dir)` / `HierarchialViT.from_pretrained(dir)` (`hiertrans.hub`),
+    for every way of building one (arguments, presets, configs); `pretrained(dir, num_classes=...)`
+    loads them for fine-tuning with a new head.
     """
 
     def __init__(
@@ -466,6 +472,19 @@ def timm_model(name: str, num_classes: int = 1000, img_size: int | None = None, 
             if "img_size" not in str(exc):
                 raise
     return timm.create_model(name, **args)
+
+
+def pretrained(path: str, num_classes: int | None = None, drop_path_rate: float | None = None,
+               drop_rate: float | None = None) -> HierarchialViT:
+    """Weights written by `save_pretrained` (or `python -m hiertrans export`) for fine-tuning: the
+    saved model in training mode, with a fresh head when `num_classes` differs from the saved one,
+    and stochastic depth / dropout set anew when given (the `net` class path
+    `hiertrans.vit.pretrained` in configs)."""
+    overrides = {k: v for k, v in (("drop_path_rate", drop_path_rate), ("drop_rate", drop_rate)) if v is not None}
+    model = HierarchialViT.from_pretrained(path, **overrides)
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    return model.train()
 
 
 # --- timm registration: `timm.create_model("hvit_small", num_classes=10)` ---------------------------
