@@ -172,3 +172,29 @@ def test_cpu_kernels_are_switched_on_by_the_environment(monkeypatch):
     assert type(tiny().net.to_logits) is torch.nn.Linear  # default: plain PyTorch
     monkeypatch.setenv(cpu_kernels.ENV_VAR, "1")
     assert type(tiny().net.to_logits) is cpu_kernels.OneDNNLinear
+
+
+def test_the_hierarchical_losses_train_on_real_text():
+    """Gradients reach the reconstruction and hierarchical-AR heads, and both losses fall on real text."""
+    torch.manual_seed(0)
+    net = HierarchicalTransformer(**{**TINY_NET, "depth": 2, "hierarchies": (1, 2, 4),
+                                     "window_sizes": (8, None, None)})
+    module = LanguageModel(net)
+    text = torch.tensor(list(inspect.getsource(json).encode()), dtype=torch.long)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    history = []
+    for step in range(40):
+        starts = torch.randint(0, len(text) - 33, (8,))
+        batch = torch.stack([text[s : s + 33] for s in starts.tolist()])
+        loss, _, aux, _ = module.losses(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            heads = [c.to_recon for c in net.compressors if c.to_recon is not None]
+            heads += [p for p in net.to_hierarchical_preds if isinstance(p, torch.nn.Linear)]
+            assert len(heads) == 4 and all(h.weight.grad.abs().sum() > 0 for h in heads)
+        optimizer.step()
+        history.append({k: v.item() for k, v in aux.items()})
+    first, last = history[:5], history[-5:]
+    for name in ("recon", "hier_ar"):
+        assert sum(h[name] for h in last) < 0.8 * sum(h[name] for h in first), name
