@@ -2,7 +2,7 @@
 
     python notebooks/build_notebooks.py
 
-Edit the cells here, not the .ipynb files; `tests/test_notebooks.py` executes every notebook.
+Edit the cells here, not the .ipynb files; `tests/e2e/test_notebooks.py` executes every notebook.
 """
 
 from pathlib import Path

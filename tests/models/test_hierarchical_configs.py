@@ -25,7 +25,7 @@ from hiertrans.hierarchical_configs import (
 from hiertrans.layers.spatial import AxialRotaryEmbedding
 from hiertrans.vit import HierarchialViT, build_hierarchical_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 

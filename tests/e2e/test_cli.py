@@ -7,7 +7,7 @@ import pytest
 
 from hiertrans.cli import resolve_config, shipped_configs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bare_config_names_resolve_to_shipped_configs(tmp_path, monkeypatch):

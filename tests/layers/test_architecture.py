@@ -5,7 +5,7 @@ Lightning."""
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("hiertrans", "lit_modules", "datamodules")
 # the only hiertrans modules that may import Lightning: the CLI and the Fabric trainer
 LIGHTNING_ALLOWED = {"hiertrans.cli", "hiertrans.trainer", "hiertrans.__main__"}

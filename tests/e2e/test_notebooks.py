@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 EXPECTED = ["lm_quickstart.ipynb", "vit_attention_maps.ipynb"]  # hierarchy_reduction.ipynb too, when present
 
 

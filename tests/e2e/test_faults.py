@@ -21,7 +21,7 @@ import torch
 from conftest import ROOT
 from helpers import TINY_LM_ARGS
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # helpers.py, for the subprocesses
 STEPS, EVERY, PAUSE_AT = 12, 3, 5  # 4 batches per epoch: the periodic checkpoint at step 3 is mid-epoch
 
 ARGS = [*TINY_LM_ARGS, "--data.init_args.batch_size=4", "--data.init_args.path=corpus.txt",
