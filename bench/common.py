@@ -3,10 +3,13 @@
 import ctypes
 import gc
 import os
+import platform
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 import torch
@@ -91,21 +94,43 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def matmul_peak_flops(device: torch.device, size: int = 2048, dtype: torch.dtype = torch.float32) -> float:
-    """This machine's measured dense matmul throughput (FLOP/s): the physical ceiling for our models.
+def matmul_peak_flops(device: torch.device, size: int = 2048, dtype: torch.dtype = torch.float32,
+                      kernels: bool = False) -> float:
+    """This machine's measured dense matmul throughput (FLOP/s) with the kernels a model runs:
+    PyTorch's default (`F.linear`), or with `kernels=True` also the opt-in oneDNN product of
+    `hiertrans.cpu_kernels` (on an AVX-512 AMD CPU it ran fp32 at twice MKL's speed), the faster
+    of the two. The ceiling a model's FLOP/s is measured against: same kernel set, same run."""
+    import torch.nn.functional as F
 
-    The faster of PyTorch's default matmul and, where `hiertrans.layers.linear` uses it, oneDNN's:
-    on an AMD CPU with AVX-512, MKL (PyTorch's default) runs fp32 at half the speed oneDNN does.
-    """
-    from hiertrans.layers.linear import linear
+    from hiertrans import cpu_kernels
 
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    products = [lambda: F.linear(a, b)] + [lambda: cpu_kernels.onednn_linear(a, b)] * kernels
     best = float("inf")
-    for product in (lambda: a @ b, lambda: linear(a, b)):
+    for product in products:
         for _ in range(3):
             product()
         best = min(best, *(timed(product, device) for _ in range(10)))
     return 2 * size**3 / best
+
+
+def machine() -> str:
+    """What a figure was measured on: CPU model and family, vector ISA, PyTorch's fp32 matmul backend,
+    threads and load. Ratios move with these (MKL takes its AVX-512 kernels on Intel CPUs only)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    field = {key: re.search(rf"^{key}\s*: (.*)$", info, re.M) for key in ("model name", "cpu family", "model", "flags")}
+    value = {key: m.group(1).strip() if m else "?" for key, m in field.items()}
+    flags = set(value["flags"].split())
+    isa = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "neither avx512f nor avx2"
+    config = torch.__config__.show()
+    versions = [m.group(0) for m in (re.search(r"Math Kernel Library Version [\w.]+", config),
+                                     re.search(r"MKL-DNN v[\w.]+", config)) if m]
+    backend = "MKL" if torch.backends.mkl.is_available() else "no MKL (OpenBLAS or other)"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"CPU: {value['model name']} (family {value['cpu family']}, model {value['model']}), {os.cpu_count()} "
+            f"logical cores, {platform.machine()}; vector ISA: {isa} (torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}); fp32 matmul: {backend} ({', '.join(versions)}); "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {load:.2f}")
 
 
 def params(model: torch.nn.Module) -> int:

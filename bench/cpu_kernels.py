@@ -15,8 +15,6 @@ model, vector ISA, PyTorch's matmul backend, threads, load.
 
 import argparse
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -26,29 +24,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import timed  # noqa: E402
+from bench.common import machine, timed  # noqa: E402
 from hiertrans import HierarchicalTransformer, cpu_kernels  # noqa: E402
 
 LM_YAML = dict(num_tokens=256, dim=128, depth=4, seq_len=256, heads=4, dim_head=32, ff_mult=4, hierarchies=(1, 2),
                window_sizes=(32, None), hierarchical_stride=1, recon_loss_weight=0.1,
                hierarchical_ar_loss_weight=0.25, ignore_index=-1)
 CONTENDERS = {"plain": (), "all kernels": tuple(cpu_kernels.KERNELS), **{k: (k,) for k in cpu_kernels.KERNELS}}
-
-
-def machine() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    field = {key: re.search(rf"^{key}\s*: (.*)$", info, re.M) for key in ("model name", "cpu family", "model", "flags")}
-    value = {key: m.group(1).strip() if m else "?" for key, m in field.items()}
-    flags = set(value["flags"].split())
-    isa = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "neither avx512f nor avx2"
-    config = torch.__config__.show()
-    versions = [m.group(0) for m in (re.search(r"Math Kernel Library Version [\w.]+", config),
-                                     re.search(r"MKL-DNN v[\w.]+", config)) if m]
-    backend = "MKL" if torch.backends.mkl.is_available() else "no MKL (OpenBLAS or other)"
-    return (f"CPU: {value['model name']} (family {value['cpu family']}, model {value['model']}), {os.cpu_count()} "
-            f"logical cores, {platform.machine()}\nvector ISA: {isa} (torch CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()})\nmatmul: fp32 F.linear on {backend}; oneDNN available "
-            f"{torch.backends.mkldnn.is_available()} ({', '.join(versions)})\ntorch {torch.__version__}")
 
 
 def make_train_step(kernels: tuple[str, ...], batch: int):
@@ -152,7 +134,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine())
-    print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start")
     print(f"\nLM training step: configs/lm.yaml's model (dim 128, depth 4, hierarchies (1, 2), windows (32, None)), "
           f"batch {args.batch} x {LM_YAML['seq_len']}, AdamW, eager fp32, {args.rounds} alternating rounds")
 

@@ -6,18 +6,21 @@ alternation (ours, theirs, ours, theirs, ...; the median over rounds is reported
 other processes on a shared machine hits every model alike and the ratios stay fair even when the
 absolute numbers are noisy.
 
-Settings:
-  32 px,  batch 128: hvit_cifar (10 classes) vs pvt_v2_b0(num_classes=10)
-  224 px, batch 16:  hvit_tiny (PVT v1 Tiny, 1000 classes) vs pvt_v2_b0 (1000 classes) and, as the
-                     size-matched peer of hvit_tiny, pvt_v2_b1 (14.0M params)
+Settings (default PyTorch kernels on every side; `--cpu-kernels` applies `hiertrans.cpu_kernels` to
+every model alike):
+  32 px,  batch 128: hvit_cifar (10 classes) vs pvt_v2_b0 adapted to 32 px (spatial reduction
+                     (2, 1, 1, 1), as hvit_cifar's: the stock (8, 4, 2, 1) pools stages 1-3 of a 32 px
+                     image to a single key) and vs the stock pvt_v2_b0
+  224 px, batch 16:  hvit_tiny (PVT v1 Tiny, 1000 classes) vs its size-matched peer pvt_v2_b1 (14.0M
+                     params) and pvt_v2_b0
 
 GFLOPs/img: forward FLOPs per image (2 per multiply-add) from torch's FlopCounterMode.
 A training step is forward + cross-entropy + backward + AdamW step; inference is a forward under
 `torch.inference_mode()` in eval mode. Peak memory is the extra resident memory (CPU) or allocator
 peak (CUDA) during one step, measured apart from the timing runs.
 
-    PYTHONPATH=. python bench/vit_throughput.py                      # defaults: ~5 min on 2 busy cores
-    PYTHONPATH=. python bench/vit_throughput.py --sizes 32 --rounds 3  # quick: the 32 px target only
+    python bench/vit_throughput.py                      # defaults: ~5 min on 2 busy cores
+    python bench/vit_throughput.py --sizes 32 --rounds 3  # quick: the 32 px targets only
 """
 
 import argparse
@@ -35,22 +38,29 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import StepWorker, fmt_ratio, params  # noqa: E402
+from bench.common import StepWorker, fmt_ratio, machine, params  # noqa: E402
+from hiertrans import cpu_kernels  # noqa: E402
 from hiertrans.vit import create_model  # noqa: E402
 
+ADAPTED = "pvt_v2_b0_adapted"
 
-def build(model_name: str, classes: int) -> nn.Module:
+
+def build(model_name: str, classes: int, kernels: bool = False) -> nn.Module:
     torch.manual_seed(0)
     if model_name.startswith("hvit"):
-        return create_model(model_name, num_classes=classes)
-    return timm.create_model(model_name, num_classes=classes)
+        model = create_model(model_name, num_classes=classes)
+    elif model_name == ADAPTED:
+        model = timm.create_model("pvt_v2_b0", num_classes=classes, sr_ratios=(2, 1, 1, 1))
+    else:
+        model = timm.create_model(model_name, num_classes=classes)
+    return cpu_kernels.apply(model) if kernels else model
 
 
 def make_step(model_name: str, mode: str, batch: int, img: int, classes: int, steps: int, channels_last: bool,
-              device: str) -> Callable[[], None]:
+              device: str, kernels: bool = False) -> Callable[[], None]:
     """Runs in a worker process: `steps` training steps (forward, cross-entropy, backward, AdamW) or
     inference forwards (eval mode, `inference_mode`) on a fixed random batch."""
-    model = build(model_name, classes).to(device)
+    model = build(model_name, classes, kernels).to(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img, img, generator=gen).to(device)
     y = torch.randint(0, classes, (batch,), generator=gen).to(device)
@@ -92,7 +102,8 @@ def measure(title: str, contenders: dict[str, str], batch: int, img: int, classe
     memory: dict[tuple[str, str], int] = {}
     for mode in ("train", "infer"):
         workers = {label: StepWorker(partial(make_step, name, mode, batch, img, classes, steps, args.channels_last,
-                                             args.device), args.device, args.threads or None, args.warmup)
+                                             args.device, args.cpu_kernels), args.device, args.threads or None,
+                                     args.warmup)
                    for label, name in contenders.items()}
         for _ in range(rounds):
             for label, worker in workers.items():  # alternate: ours, theirs, ours, theirs, ...
@@ -146,14 +157,17 @@ def main() -> None:
                              "thread mostly spins waiting for a descheduled first (per-round numbers "
                              "varied 5x with 2 threads under load); 0 keeps torch's default")
     parser.add_argument("--channels-last", action="store_true", help="channels-last inputs and conv weights")
+    parser.add_argument("--cpu-kernels", action="store_true",
+                        help="apply hiertrans.cpu_kernels to every model (the same swap on every side)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, timm {timm.__version__}, device {args.device}, "
-          f"{args.threads or torch.get_num_threads()} threads, channels_last={args.channels_last}, "
-          f"one process per model and mode")
+    print(machine())
+    print(f"timm {timm.__version__}, device {args.device}, {args.threads or torch.get_num_threads()} threads, "
+          f"channels_last={args.channels_last}, cpu_kernels={args.cpu_kernels} (every model alike), one process per "
+          f"model and mode")
     sizes = {int(s) for s in args.sizes.split(",")}
     if 32 in sizes:
-        measure("CIFAR size", {"hvit_cifar": "hvit_cifar", "pvt_v2_b0": "pvt_v2_b0"},
+        measure("CIFAR size", {"hvit_cifar": "hvit_cifar", ADAPTED: ADAPTED, "pvt_v2_b0 (stock)": "pvt_v2_b0"},
                 args.batch_32, 32, 10, args.steps, args.rounds, args)
     if 224 in sizes:
         peers = {p: p for p in args.peers_224.split(",") if p}
