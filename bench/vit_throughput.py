@@ -21,6 +21,7 @@ peak (CUDA) during one step, measured apart from the timing runs.
 
     python bench/vit_throughput.py                      # defaults: ~5 min on 2 busy cores
     python bench/vit_throughput.py --sizes 32 --rounds 3  # quick: the 32 px targets only
+    python bench/vit_throughput.py --compile              # compiled vs compiled
 """
 
 import argparse
@@ -57,9 +58,10 @@ def build(model_name: str, classes: int, kernels: bool = False) -> nn.Module:
 
 
 def make_step(model_name: str, mode: str, batch: int, img: int, classes: int, steps: int, channels_last: bool,
-              device: str, kernels: bool = False) -> Callable[[], None]:
+              device: str, kernels: bool = False, compile: bool = False) -> Callable[[], None]:
     """Runs in a worker process: `steps` training steps (forward, cross-entropy, backward, AdamW) or
-    inference forwards (eval mode, `inference_mode`) on a fixed random batch."""
+    inference forwards (eval mode, `inference_mode`) on a fixed random batch; with `compile`, the model
+    is `torch.compile`d (the untimed warm-up step compiles it)."""
     model = build(model_name, classes, kernels).to(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img, img, generator=gen).to(device)
@@ -67,6 +69,8 @@ def make_step(model_name: str, mode: str, batch: int, img: int, classes: int, st
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    if compile:
+        model.compile()  # in place, the same for every model; eager otherwise
 
     def train() -> None:
         model.train()
@@ -102,8 +106,8 @@ def measure(title: str, contenders: dict[str, str], batch: int, img: int, classe
     memory: dict[tuple[str, str], int] = {}
     for mode in ("train", "infer"):
         workers = {label: StepWorker(partial(make_step, name, mode, batch, img, classes, steps, args.channels_last,
-                                             args.device, args.cpu_kernels), args.device, args.threads or None,
-                                     args.warmup)
+                                             args.device, args.cpu_kernels, args.compile),
+                                     args.device, args.threads or None, args.warmup)
                    for label, name in contenders.items()}
         for _ in range(rounds):
             for label, worker in workers.items():  # alternate: ours, theirs, ours, theirs, ...
@@ -159,12 +163,13 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels-last inputs and conv weights")
     parser.add_argument("--cpu-kernels", action="store_true",
                         help="apply hiertrans.cpu_kernels to every model (the same swap on every side)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (compiled vs compiled)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     print(machine())
     print(f"timm {timm.__version__}, device {args.device}, {args.threads or torch.get_num_threads()} threads, "
-          f"channels_last={args.channels_last}, cpu_kernels={args.cpu_kernels} (every model alike), one process per "
-          f"model and mode")
+          f"channels_last={args.channels_last}, compile={args.compile}, cpu_kernels={args.cpu_kernels} "
+          f"(every model alike), one process per model and mode")
     sizes = {int(s) for s in args.sizes.split(",")}
     if 32 in sizes:
         measure("CIFAR size", {"hvit_cifar": "hvit_cifar", ADAPTED: ADAPTED, "pvt_v2_b0 (stock)": "pvt_v2_b0"},

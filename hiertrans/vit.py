@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from .hierarchical_configs import HierarchicalConfig, as_hierarchical_config, check_sequence_lengths, infer_img_size
@@ -489,19 +489,32 @@ def pretrained(path: str, num_classes: int | None = None, drop_path_rate: float 
 
 # --- timm registration: `timm.create_model("hvit_small", num_classes=10)` ---------------------------
 
+def _pretrained_cfg(name: str) -> dict[str, Any]:
+    """What `timm.data.resolve_model_data_config` reads (input size, normalisation) and where
+    `load_pretrained` finds the stem and the head. No weights are hosted: a user's own come in through
+    `pretrained_cfg_overlay=dict(file=...)`: a `.safetensors`/`.pth` file, or with `source="local-dir"`
+    a `save_pretrained` folder."""
+    model_args = PRESETS[name]
+    size = model_args.get("img_size", 224)
+    return dict(input_size=(model_args.get("in_chans", 3), size, size), num_classes=model_args.get("num_classes", 1000),
+                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=0.9,
+                first_conv="stages.0.downsample.proj", classifier="head", license="apache-2.0")
+
+
+# timm's register_model picks up this module's `default_cfgs`, one per preset
+default_cfgs = generate_default_cfgs({name: _pretrained_cfg(name) for name in PRESETS})
+
+
 def _timm_model(name: str, pretrained: bool, **kwargs: Any) -> HierarchialViT:
-    if pretrained:
-        raise ValueError(f"{name} has no pretrained weights")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    model = create_model(name, **kwargs)
-    # what timm.data.resolve_model_data_config reads; no weights, so only the input spec
-    model.pretrained_cfg = dict(
-        architecture=name, input_size=(model.in_chans, *model.img_size), num_classes=model.num_classes,
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=0.9,
-        first_conv="stages.0.downsample.proj", classifier="head",
-    )
-    return model
+    """A preset through timm's builder: `pretrained=True` loads the weights `pretrained_cfg_overlay`
+    points at, with timm's head reset when `num_classes` differs and stem adaptation for `in_chans`."""
+    sources = ("file", "state_dict", "hf_hub_id", "url")
+    given = {**(kwargs.get("pretrained_cfg") or {}), **(kwargs.get("pretrained_cfg_overlay") or {})}
+    if pretrained and not any(given.get(key) for key in sources):
+        raise ValueError(f"{name} has no hosted pretrained weights: with pretrained=True pass your own through "
+                         f"pretrained_cfg_overlay=dict(file='model.safetensors') or dict(source='local-dir', "
+                         f"file='a save_pretrained folder')")
+    return build_model_with_cfg(HierarchialViT, name, pretrained, **{**PRESETS[name], **kwargs})
 
 
 @register_model

@@ -324,8 +324,28 @@ def test_timm_create_model_and_registration():
         assert timm.create_model("hvit_small", num_classes=10).head.out_features == 10
     config = timm.data.resolve_model_data_config(model)
     assert config["input_size"] == (3, 32, 32)
-    with pytest.raises(ValueError, match="no pretrained weights"):
+    with pytest.raises(ValueError, match="no hosted pretrained weights.*pretrained_cfg_overlay"):
         timm.create_model("hvit_tiny", pretrained=True)
+
+
+def test_timm_pretrained_from_local_weights(tmp_path):
+    """timm's `pretrained=True` with a local `pretrained_cfg_overlay`: a file or a save_pretrained folder;
+    a different class count gets a fresh head and keeps every other weight."""
+    torch.manual_seed(0)
+    source = timm.create_model("hvit_cifar", depths=(1, 1, 1, 1)).eval()
+    source.save_pretrained(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    for overlay in (dict(file=str(tmp_path / "model.safetensors")), dict(source="local-dir", file=str(tmp_path))):
+        loaded = timm.create_model("hvit_cifar", pretrained=True, pretrained_cfg_overlay=overlay,
+                                   depths=(1, 1, 1, 1)).eval()
+        torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)
+    tuned = timm.create_model("hvit_cifar", pretrained=True, num_classes=3, depths=(1, 1, 1, 1),
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))
+    assert tuned.head.out_features == 3
+    body = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    for key, value in body.items():
+        torch.testing.assert_close(tuned.state_dict()[key], value, rtol=0, atol=0)
+    assert tuned.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
 
 
 def test_autocast_bfloat16():
