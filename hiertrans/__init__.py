@@ -18,6 +18,7 @@ from .hierarchical_configs import (
     register_feedforward,
     register_token_mixer,
 )
+from .hourglass import HourglassTransformer
 from .layers import Attention, FeedForward, RMSNorm, set_debug
 from .lm import HierarchicalBlock, HierarchicalTransformer
 from .metrics import calculate_metrics
@@ -79,6 +80,7 @@ __all__ = [
     "HierarchicalStage",
     "HierarchicalTransformer",
     "HierarchicalViT",
+    "HourglassTransformer",
     "HierarchyReduction1d",
     "MultiScaleAttention",
     "PatchEmbed",

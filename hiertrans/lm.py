@@ -10,6 +10,7 @@ einops notation: b batch, n tokens, a axial factor (compression / stride), d fea
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import zip_longest
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .layers import CausalBlock, RMSNorm, check_token_ids
+from .layers import BlockCache, CausalBlock, RMSNorm, check_token_ids
 
 IntOrTuple = int | Sequence[int]
 
@@ -57,6 +58,55 @@ def hierarchical_cat(tokens: Sequence[Tensor], strides: Sequence[int], length: i
     return torch.cat([expand_to_tokens(t, s, length) for t, s in zip(tokens, strides)], dim=-1)
 
 
+def expand_new_tokens(latest: Tensor | None, new: Tensor, stride: int, start: int, length: int) -> Tensor:
+    """`expand_to_tokens` while decoding: token positions `start .. start + length - 1` of a stride-s
+    hierarchy whose new compressed tokens `new (b, m, d)` are those at `j * s >= start`, and whose
+    `latest (b, 1, d)` is the one before them (None at the start: then it is never read)."""
+    if new.shape[1] == length:  # every position reads a new token of its own (stride 1, say)
+        return new
+    if length == 1:  # one position: its token is the new one if it completed one, else the latest
+        return newest(latest, new)
+    latest = new.new_zeros(new.shape[0], 1, new.shape[-1]) if latest is None else latest
+    first = -(-start // stride) - 1  # compressed index of `latest`
+    offset = start - first * stride
+    return torch.cat((latest, new), dim=1).repeat_interleave(stride, dim=1)[:, offset : offset + length]
+
+
+def causal_windows(x: Tensor, size: int, step: int, history: Tensor | None = None,
+                   start: int = 0) -> tuple[Tensor, Tensor]:
+    """The windows of `size` consecutive inputs that end at positions `j * step` (zeros before the
+    sequence), for the inputs `x (b, n, d)` at positions `start .. start + n - 1`, preceded by
+    `history (b, size - 1, d)` (None: zeros, `start` 0) -> `(windows (b, m, d, size), history)`:
+    window j covers positions `j * step - size + 1 .. j * step`, one for each j with `start <=
+    j * step < start + n`; the returned history is the last `size - 1` inputs, for the next call."""
+    past = x.new_zeros(x.shape[0], size - 1, x.shape[-1]) if history is None else history
+    inputs = torch.cat((past, x), dim=1)  # positions start - size + 1 .. start + n - 1
+    ending_here = inputs[:, -start % step :]  # from the first window that ends at one of x's positions
+    if ending_here.shape[1] < size:  # none does
+        windows = inputs.new_zeros(x.shape[0], 0, x.shape[-1], size)
+    else:
+        windows = ending_here.unfold(1, size, step)
+    return windows, inputs[:, inputs.shape[1] - (size - 1) :]
+
+
+def newest(latest: Tensor | None, new: Tensor) -> Tensor | None:
+    """The newest compressed token: the last of `new (b, m, d)`, or `latest` when m = 0."""
+    return new[:, -1:] if new.shape[1] else latest
+
+
+def check_continuation(ids: Tensor, length: int, num_tokens: int, seq_len: int) -> None:
+    """What `decode(ids, cache)` accepts: a whole prompt into an empty cache (`length` 0), then one
+    token per call, never more than `seq_len` positions in all."""
+    check_token_ids(ids, num_tokens, seq_len)
+    n = ids.shape[1]
+    if length and n != 1:
+        raise ValueError(f"decode takes a prompt into an empty cache, then one token per call; got {n} tokens "
+                         f"after {length}")
+    if length + n > seq_len:
+        raise ValueError(f"the cache holds {length} positions and {n} more exceed seq_len={seq_len}; start a new "
+                         f"cache (hiertrans.lm.sample slides the context so)")
+
+
 class Compress(nn.Module):
     """Causal compression of token embeddings into one hierarchy.
 
@@ -90,6 +140,15 @@ class Compress(nn.Module):
         if self.compress_factor == 1:
             return self.net(x)
         return self.net(rearrange(self.windows(x), "b n d c -> b n (c d)"))
+
+    def extend(self, x: Tensor, history: Tensor | None, start: int) -> tuple[Tensor, Tensor | None]:
+        """Decoding: the compressed tokens that inputs `x (b, n, dim_in)` at positions `start ..`
+        complete (those j with `start <= j * stride < start + n`), and the new `history`, the last
+        c - 1 inputs (None before the first call: zeros, as `windows` pads)."""
+        if self.compress_factor == 1:
+            return self.net(x), None
+        windows, history = causal_windows(x, self.compress_factor, self.stride, history, start)
+        return self.net(rearrange(windows, "b n d c -> b n (c d)")), history
 
     def recon_loss(self, h: Tensor, ids: Tensor, ignore_index: int) -> Tensor:
         """Cross-entropy of reconstructing, from each compressed token, the tokens it covers."""
@@ -125,13 +184,58 @@ class HierarchicalBlock(CausalBlock):
         super().__init__(dim, heads, dim_head, ff_mult, window_size, token_shift=True)
         self.axial = compress_factor // stride
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: "SubsequenceCache | None" = None) -> Tensor:
         n, a = x.shape[-2], self.axial
+        if cache is not None:
+            return self.decode_subsequences(x, cache)
         if a == 1:
             return super().forward(x)
         x = rearrange(pad_to_multiple(x, a), "b (n a) d -> (b a) n d", a=a)
         x = super().forward(x)
         return rearrange(x, "(b a) n d -> b (n a) d", a=a)[:, :n]
+
+    def init_cache(self, capacity: int) -> "SubsequenceCache":
+        """Decoding state for up to `capacity` compressed tokens: one block cache per sub-sequence."""
+        per_subsequence = -(-capacity // self.axial)
+        return SubsequenceCache([CausalBlock.init_cache(self, per_subsequence) for _ in range(self.axial)])
+
+    def decode_subsequences(self, x: Tensor, cache: "SubsequenceCache") -> Tensor:
+        """`forward` for `x (b, m, dim)`, the compressed tokens after those `cache` has seen: each goes
+        through the block with the cache of its sub-sequence (position p: sub-sequence p mod a)."""
+        n, a = x.shape[-2], self.axial
+        if a == 1 and n:
+            out = super().forward(x, cache.subsequences[0])
+            cache.length += n
+            return out
+        out = torch.empty_like(x)
+        for r, sub in enumerate(cache.subsequences):
+            first = (r - cache.length) % a  # x's first position in sub-sequence r
+            if first < n:
+                out[:, first::a] = super().forward(x[:, first::a], sub)
+        cache.length += n
+        return out
+
+
+@dataclass
+class SubsequenceCache:
+    """`HierarchicalBlock`'s decoding state: a `BlockCache` per interleaved sub-sequence, and the
+    number of compressed tokens seen."""
+
+    subsequences: list[BlockCache]
+    length: int = 0
+
+
+@dataclass
+class HierarchicalCache:
+    """`HierarchicalTransformer`'s decoding state. Per layer and hierarchy: the block's cache and
+    the newest compressed token after the block (what the merges read until the next one completes);
+    per hierarchy: the compressor's last inputs and the newest final embedding."""
+
+    blocks: list[list[SubsequenceCache]]
+    latest: list[list[Tensor | None]]
+    history: list[Tensor | None]
+    latest_embeds: list[Tensor | None]
+    length: int = 0
 
 
 class HierarchicalMerge(nn.Module):
@@ -151,11 +255,20 @@ class HierarchicalMerge(nn.Module):
         return self.net(hierarchical_cat(tokens, self.strides, length))
 
 
-def top_k(logits: Tensor, thres: float = 0.9) -> Tensor:
-    """Keep the top (1 - thres) fraction of logits (at least one), the rest set to -inf."""
-    k = max(1, int((1 - thres) * logits.shape[-1]))
+def top_k(logits: Tensor, thres: float = 0.9, k: int | None = None) -> Tensor:
+    """Keep the `k` largest logits (default: the top (1 - thres) fraction, at least one), the rest -inf."""
+    k = max(1, int((1 - thres) * logits.shape[-1])) if k is None else min(k, logits.shape[-1])
     val, ind = logits.topk(k, dim=-1)
     return torch.full_like(logits, float("-inf")).scatter_(-1, ind, val)
+
+
+def top_p(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filtering: keep the most probable logits until their probabilities reach `p` (at least
+    one), the rest -inf."""
+    ordered, order = logits.sort(dim=-1, descending=True)
+    probs = ordered.softmax(dim=-1)
+    outside = probs.cumsum(dim=-1) - probs >= p  # the mass before this one already reaches p
+    return logits.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
 
 
 def gumbel_sample(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -179,31 +292,77 @@ def next_token_targets(ids: Tensor, labels: Tensor | None = None) -> tuple[Tenso
     return ids, labels
 
 
-@torch.no_grad()
-def sample(model: nn.Module, prompt: Tensor, seq_len: int, temperature: float = 1.0,
-           filter_thres: float = 0.9) -> Tensor:
-    """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`) with top-k and Gumbel noise, from
-    any causal LM `ids (b, n) -> logits (b, n, num_tokens)` with `num_tokens` and `seq_len`
-    attributes (`hiertrans.protocols.CausalLM`).
+def next_token(logits: Tensor, temperature: float, k: int, p: float | None) -> Tensor:
+    """`logits (b, vocab) -> (b,)`: the argmax at temperature 0, else a sample of softmax(logits / T)
+    restricted to the top `k` and then to the nucleus `p`."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature  # before top-p: the nucleus is that of the distribution sampled
+    if k < logits.shape[-1]:
+        logits = top_k(logits, k=k)
+    if p is not None and p < 1:
+        logits = top_p(logits, p)
+    return gumbel_sample(logits)
 
-    The context slides over the last `model.seq_len` tokens. Runs in eval mode and restores the
-    training flag afterwards. Returns the new tokens only: `(b, seq_len)` or `(seq_len,)`.
+
+@torch.no_grad()
+def sample(model: nn.Module, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
+           top_p: float | None = None, *, top_k: int | None = None, use_cache: bool | None = None,
+           slide: int | None = None) -> Tensor:
+    """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`, t <= `model.seq_len`) from any
+    causal LM `ids (b, n) -> logits (b, n, num_tokens)` with `num_tokens` and `seq_len` attributes
+    (`hiertrans.protocols.CausalLM`). Returns the new tokens only: `(b, seq_len)` or `(seq_len,)`.
+
+    Each token: the argmax at `temperature=0` (greedy), else a sample of softmax(logits /
+    temperature) among the `top_k` most likely tokens (default: the top `1 - filter_thres`
+    fraction; `filter_thres=0` keeps all), then within the nucleus of probability `top_p`.
+
+    `use_cache` (default: when the model has `init_cache` and `decode`,
+    `hiertrans.protocols.IncrementalCausalLM`) runs the prompt once and then one position per
+    token against per-layer key/value caches, instead of the whole context per token. The context
+    is at most `model.seq_len` tokens: without the cache, every token sees the last `seq_len`;
+    with it, once the context is full, the oldest `slide` tokens (default `seq_len // 4`) are
+    dropped and the cache is rebuilt from the rest, so each token sees between `seq_len - slide`
+    and `seq_len` (`slide=1`: the uncached loop exactly, at its cost). Runs in eval mode and
+    restores the training flag afterwards.
     """
+    context = model.seq_len
     if not 0.0 <= filter_thres < 1.0:
         raise ValueError(f"filter_thres must be in [0, 1), got {filter_thres}")
-    if seq_len < 0:
-        raise ValueError(f"seq_len must be >= 0, got {seq_len}")
+    if not isinstance(seq_len, int) or seq_len < 0:
+        raise ValueError(f"seq_len must be an int >= 0 (the number of tokens to sample), got {seq_len!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    slide = max(1, context // 4) if slide is None else slide
+    if not isinstance(slide, int) or not 1 <= slide <= context:
+        raise ValueError(f"slide must be an int in [1, seq_len={context}], got {slide!r}")
+    incremental = hasattr(model, "init_cache") and hasattr(model, "decode")
+    if use_cache and not incremental:
+        raise TypeError(f"use_cache=True needs a model with init_cache() and decode(ids, cache); "
+                        f"{type(model).__name__} has none (use_cache=False runs the whole context per token)")
+    use_cache = incremental if use_cache is None else use_cache
     squeeze = prompt.ndim == 1
     out = prompt[None] if squeeze else prompt
-    check_token_ids(out, model.num_tokens, model.seq_len, values=True)  # eager: one sync per call is nothing
+    check_token_ids(out, model.num_tokens, context, values=True)  # eager: one sync per call is nothing
+    k = max(1, int((1 - filter_thres) * model.num_tokens)) if top_k is None else top_k
     was_training = model.training
     model.eval()
     try:
-        start = out.shape[1]
+        start, cache = out.shape[1], None
         for _ in range(seq_len):
-            logits = model(out[:, -model.seq_len:])[:, -1]
-            next_token = gumbel_sample(top_k(logits, filter_thres), temperature)
-            out = torch.cat((out, next_token[:, None].to(out.dtype)), dim=-1)
+            if not use_cache:
+                logits = model(out[:, -context:])[:, -1]
+            elif cache is None or cache.length == context:  # the prompt, or a full context: (re)build
+                window = out if cache is None else out[:, -(context - slide + 1) :]
+                cache = model.init_cache()
+                logits = model.decode(window, cache)[:, -1]
+            else:
+                logits = model.decode(out[:, -1:], cache)[:, -1]
+            out = torch.cat((out, next_token(logits, temperature, k, top_p)[:, None].to(out.dtype)), dim=-1)
     finally:
         model.train(was_training)
     out = out[:, start:]
@@ -413,8 +572,61 @@ class HierarchicalTransformer(nn.Module):
             losses["hier_ar"] = hier_ar
         return losses
 
-    def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9) -> Tensor:
-        """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`) with top-k and Gumbel noise
-        (`sample`). Runs in eval mode and restores the training flag afterwards. Returns the new
-        tokens only."""
-        return sample(self, prompt, seq_len, temperature, filter_thres)
+    def init_cache(self) -> HierarchicalCache:
+        """An empty decoding state for `decode` (its tensors are allocated at the first call)."""
+        capacities = [-(-self.seq_len // s) for s in self.strides]  # compressed tokens per hierarchy
+        count = len(self.hierarchies)
+        return HierarchicalCache(
+            blocks=[[block.init_cache(c) for block, c in zip(blocks, capacities)] for blocks in self.layers],
+            latest=[[None] * count for _ in self.layers], history=[None] * count, latest_embeds=[None] * count)
+
+    def decode(self, ids: Tensor, cache: HierarchicalCache) -> Tensor:
+        """Incremental forward: `ids (b, n)` continue the sequence `cache` holds (a prompt into an empty
+        cache, then one token per call) -> their logits `(b, n, num_tokens)`, equal to the full
+        forward's at those positions.
+
+        A hierarchy of stride s gains compressed token j when position j * s arrives, computed
+        through every layer then; between two, the merges and the prediction read its newest one
+        (`expand_new_tokens`, as `expand_to_tokens` does). Each block only sees its new tokens,
+        each going to its interleaved sub-sequence's cache (`HierarchicalBlock`).
+        """
+        check_continuation(ids, cache.length, self.num_tokens, self.seq_len)
+        start, n = cache.length, ids.shape[1]
+        x = self.token_emb(ids)
+        tokens = []
+        for i, (compress, norm) in enumerate(zip(self.compressors, self.post_emb_norms)):
+            new, cache.history[i] = compress.extend(x, cache.history[i], start)
+            tokens.append(norm(new))
+
+        for blocks, merge, block_caches, latest in zip_longest(self.layers, self.merges, cache.blocks, cache.latest):
+            tokens = [block(t, c) for block, t, c in zip(blocks, tokens, block_caches)]
+            if merge is None:
+                continue
+            per_position = [expand_new_tokens(old, t, s, start, n) for old, t, s in zip(latest, tokens, self.strides)]
+            latest[:] = [newest(old, t) for old, t in zip(latest, tokens)]
+            pooled = merge.net(torch.cat(per_position, dim=-1))
+            if self.hierarchy_merge_all:  # compressed token j takes the merge at position j * s
+                tokens = [t + p[:, -start % s :: s][:, : t.shape[1]]
+                          for t, p, s in zip(tokens, pooled.split(self.dims, dim=-1), self.strides)]
+            else:
+                tokens[self.predict_index] = tokens[self.predict_index] + pooled
+
+        embeds = [norm(t) for norm, t in zip(self.norms, tokens)]
+        per_position = [expand_new_tokens(old, e, s, start, n)
+                        for old, e, s in zip(cache.latest_embeds, embeds, self.strides)]
+        cache.latest_embeds = [newest(old, e) for old, e in zip(cache.latest_embeds, embeds)]
+        cache.length += n
+        if self.predict_use_all_hierarchy:
+            return self.to_logits(torch.cat(per_position, dim=-1))
+        return self.to_logits(per_position[self.predict_index])
+
+    def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
+                 top_p: float | None = None, *, top_k: int | None = None, use_cache: bool | None = None,
+                 slide: int | None = None) -> Tensor:
+        """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`): greedy at `temperature=0`,
+        else top-k (`filter_thres`, or `top_k` tokens) and top-p sampling, on the key/value caches
+        of `decode` (`use_cache=False`: the whole context per token; `slide`: how the context moves
+        past `seq_len`). `hiertrans.lm.sample` describes each option. Runs in eval mode and restores
+        the training flag afterwards. Returns the new tokens only."""
+        return sample(self, prompt, seq_len, temperature, filter_thres, top_p, top_k=top_k, use_cache=use_cache,
+                      slide=slide)

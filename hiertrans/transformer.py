@@ -4,11 +4,21 @@ The same layers as `HierarchicalTransformer` (attention on SDPA with rotary embe
 the feed-forward, optionally the token shift), without compression or merges.
 """
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import CausalBlock, RMSNorm, check_token_ids
-from .lm import next_token_targets, sample
+from .layers import BlockCache, CausalBlock, RMSNorm, check_token_ids
+from .lm import check_continuation, next_token_targets, sample
+
+
+@dataclass
+class TransformerCache:
+    """`Transformer`'s decoding state: one `BlockCache` per layer and the positions seen."""
+
+    blocks: list[BlockCache]
+    length: int = 0
 
 
 class Transformer(nn.Module):
@@ -25,6 +35,11 @@ class Transformer(nn.Module):
     token 0 counts), shaped like `HierarchicalTransformer`'s `(total, parts)`. There are no
     auxiliary losses. The forward has no host syncs and compiles with `fullgraph=True`; token-id
     values are checked in debug mode only (`hiertrans.set_debug`), and always in `generate`.
+
+    Decoding (`hiertrans.protocols.IncrementalCausalLM`): `cache = model.init_cache()`, then
+    `model.decode(prompt, cache)` and `model.decode(next_ids (b, 1), cache)` return the logits of
+    the new positions from per-layer key/value caches (a window keeps only its last
+    `window_size + 1` keys); `generate` samples that way.
     """
 
     def __init__(
@@ -77,7 +92,25 @@ class Transformer(nn.Module):
         ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=self.ignore_index)
         return ce, (ce,)
 
-    def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9) -> Tensor:
-        """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`) with top-k and Gumbel noise,
-        as `HierarchicalTransformer.generate` (`hiertrans.lm.sample`). Returns the new tokens only."""
-        return sample(self, prompt, seq_len, temperature, filter_thres)
+    def init_cache(self) -> TransformerCache:
+        """An empty decoding state for `decode` (its tensors are allocated at the first call)."""
+        return TransformerCache([block.init_cache(self.seq_len) for block in self.blocks])
+
+    def decode(self, ids: Tensor, cache: TransformerCache) -> Tensor:
+        """Incremental forward: `ids (b, n)` continue the sequence `cache` holds (a prompt into an empty
+        cache, then one token per call) -> their logits `(b, n, num_tokens)`."""
+        check_continuation(ids, cache.length, self.num_tokens, self.seq_len)
+        x = self.token_emb(ids)
+        for block, block_cache in zip(self.blocks, cache.blocks):
+            x = block(x, block_cache)
+        cache.length += ids.shape[1]
+        return self.to_logits(self.norm(x))
+
+    def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
+                 top_p: float | None = None, *, top_k: int | None = None, use_cache: bool | None = None,
+                 slide: int | None = None) -> Tensor:
+        """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`) on the key/value caches, as
+        `HierarchicalTransformer.generate` (`hiertrans.lm.sample` has every option). Returns the new
+        tokens only."""
+        return sample(self, prompt, seq_len, temperature, filter_thres, top_p, top_k=top_k, use_cache=use_cache,
+                      slide=slide)

@@ -6,6 +6,7 @@ the sliding-window layout) live in `hiertrans.cpu_kernels`, switched on per mode
 
 from .attention import Attention, attend, attention_probs, local_attend, merge_heads, split_heads, with_previous_block
 from .block import CausalBlock
+from .cache import BlockCache, KVCache
 from .checks import check_token_ids, debug_enabled, set_debug
 from .drop import DropPath, drop_path, linear_drop_path_rates
 from .mlp import FeedForward
@@ -15,9 +16,11 @@ from .shift import TokenShift, token_shift
 
 __all__ = [
     "Attention",
+    "BlockCache",
     "CausalBlock",
     "DropPath",
     "FeedForward",
+    "KVCache",
     "RMSNorm",
     "RotaryEmbedding",
     "TokenShift",

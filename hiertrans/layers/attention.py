@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .cache import KVCache
 from .rotary import RotaryEmbedding
 
 
@@ -86,6 +87,10 @@ class Attention(nn.Module):
 
     Full (`window_size=None`) or causal sliding-window attention (`window_size=w`: each position
     sees the previous `w`); `causal` masks the future; `rotary` adds rotary position embeddings.
+
+    Decoding (causal only): `forward(x, cache=KVCache(...))` stores the keys and values of x's
+    positions in the cache; into an empty cache x may hold a whole prompt (attended as usual),
+    afterwards one new position at a time, which attends to everything the cache holds.
     """
 
     # the sliding window's key/value layout: a hook, so that `hiertrans.cpu_kernels` can swap in a kernel
@@ -114,11 +119,19 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.rotary = RotaryEmbedding(dim_head) if rotary else None
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """`mask`: optional boolean attention mask for `attend` (True = may attend), e.g. `(b, 1, 1, n)`."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """`mask`: optional boolean attention mask for `attend` (True = may attend), e.g. `(b, 1, 1, n)`.
+        `cache`: decoding state (see the class)."""
+        if cache is not None:
+            if not self.causal or mask is not None:
+                raise ValueError("a KV cache is for causal attention without a mask")
+            if cache.length:
+                return self.step(x, cache)
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         if self.rotary is not None:
             q, k = self.rotary(q, k)
+        if cache is not None:  # the prefill: remember the keys and values, attend as without a cache
+            cache.update(torch.stack((k, v), dim=1))
         if self.window_size is not None:
             if mask is not None:
                 raise ValueError("sliding-window attention does not take a mask")
@@ -127,3 +140,13 @@ class Attention(nn.Module):
             dropout = self.attn_drop if self.training else 0.0
             out = attend(q, k, v, causal=self.causal, dropout=dropout, mask=mask)
         return self.proj_drop(self.proj(merge_heads(out)))
+
+    def step(self, x: Tensor, cache: KVCache) -> Tensor:
+        """One new position `x (b, 1, dim)` against every cached one: all in its past (or window)."""
+        if x.shape[-2] != 1:
+            raise ValueError(f"after the prefill, decode one position at a time, got {x.shape[-2]}")
+        qkv = self.qkv(x).view(x.shape[0], 3, self.heads, 1, -1)  # one position: the head split is a view
+        if self.rotary is not None:
+            qkv[:, :2] = self.rotary.rotate(qkv[:, :2], cache.length)  # queries and keys in one pass
+        out = self.proj(attend(qkv[:, 0], *cache.update(qkv[:, 1:])).view(x.shape[0], 1, -1))
+        return self.proj_drop(out) if self.proj_drop.p else out

@@ -1,9 +1,10 @@
 from torch import Tensor, nn
 
 from .attention import Attention
+from .cache import BlockCache
 from .mlp import FeedForward
 from .norm import RMSNorm
-from .shift import TokenShift
+from .shift import TokenShift, token_shift
 
 
 class CausalBlock(nn.Module):
@@ -13,6 +14,9 @@ class CausalBlock(nn.Module):
     Attention is causal with rotary embeddings: full (`window_size=None`), over the last
     `window_size` positions, or left out (`window_size=0`). `token_shift` feeds each sublayer half
     its features from the previous position (simple-hierarchical-transformer's blocks do).
+
+    Decoding: `forward(x, cache)` with `cache = block.init_cache(capacity)` continues the sequence
+    the cache has seen (a whole prompt into an empty cache, then one position per call).
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, ff_mult: float = 4,
@@ -27,7 +31,29 @@ class CausalBlock(nn.Module):
         self.ff_norm = RMSNorm(dim)
         self.ff = FeedForward(dim, int(dim * ff_mult), bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: BlockCache | None = None) -> Tensor:
+        if cache is not None:
+            return self.decode(x, cache)
         if self.attn is not None:
             x = x + self.attn(self.attn_norm(self.shift(x)))
         return x + self.ff(self.ff_norm(self.shift(x)))
+
+    def init_cache(self, capacity: int) -> BlockCache:
+        """Decoding state for sequences of up to `capacity` positions (a window needs only its own)."""
+        window = self.attn.window_size if self.attn is not None else None
+        return BlockCache(capacity if window is None else min(capacity, window + 1))
+
+    def decode(self, x: Tensor, cache: BlockCache) -> Tensor:
+        """`forward` for `x (b, n, dim)`, the positions after those `cache` has seen."""
+        if self.attn is not None:
+            x = x + self.attn(self.attn_norm(self._shift(x, cache, "attn")), cache=cache.kv)
+        x = x + self.ff(self.ff_norm(self._shift(x, cache, "ff")))
+        cache.length += x.shape[-2]
+        return x
+
+    def _shift(self, x: Tensor, cache: BlockCache, sublayer: str) -> Tensor:
+        if not isinstance(self.shift, TokenShift):
+            return x
+        shifted = token_shift(x, cache.previous.get(sublayer))
+        cache.previous[sublayer] = x[:, -1:]
+        return shifted
