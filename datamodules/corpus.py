@@ -13,9 +13,13 @@ Sources (`path`):
   `dist-packages` (installed packages differ between machines) and `__pycache__`.
 - a file: its bytes, as they are, mapped in place (no copy). A `.gz` file is decompressed once
   into the cache. enwik8 (exactly 100,000,000 bytes, or a name containing "enwik8") takes the
-  standard 90% / 5% / 5% split (see `split_sizes`).
+  standard 90% / 5% / 5% split (see `split_sizes`). A file whose start is not UTF-8 text (binary,
+  or another encoding) is still read byte for byte, with a warning that names it and says how to
+  convert it.
 - a directory: every file below it, recursively in sorted order, that is not hidden (no component
-  starting with ".") and looks like text (its first 8 KiB contain no NUL byte).
+  starting with ".") and looks like text (its first 8 KiB contain no NUL byte). Binary files left
+  out and text files that are not UTF-8 are named in a warning when the corpus is built; a
+  directory with no text file at all is an error that names what it found.
 - Hugging Face `datasets` from local disk, read from the column `text_column` (default "text"): a
   folder written by `Dataset.save_to_disk`, or a `.parquet`, `.jsonl` or `.arrow` file. Rows are
   documents, stored UTF-8 as Arrow stores them (checked to be valid UTF-8), nulls and empty strings
@@ -47,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import itertools
 import json
 import logging
 import mmap
@@ -125,6 +130,31 @@ def _visible_files(directory: Path) -> list[Path]:
 def looks_like_text(path: Path) -> bool:
     with open(path, "rb") as f:
         return b"\0" not in f.read(SNIFF_BYTES)
+
+
+def not_utf8(head: bytes) -> str | None:
+    """Why `head`, the first bytes of a file, is not UTF-8 text ("binary: ...", "not UTF-8: ..."), or None
+    when it is (a multi-byte character cut off at the end of `head` counts as text)."""
+    if (nul := head.find(b"\0")) >= 0:
+        return f"binary: a NUL byte at offset {nul}"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.reason == "unexpected end of data" and err.start >= len(head) - 3:
+            return None
+        return f"not UTF-8: byte 0x{head[err.start]:02x} at offset {err.start}"
+    return None
+
+
+def warn_not_utf8(path: Path, head: bytes) -> None:
+    """A warning naming a corpus file that is not UTF-8 text, and what to do; nothing for a text file."""
+    why = not_utf8(head)
+    if why is None:
+        return
+    todo = ("if it is text in another encoding, convert it: iconv -f <encoding> -t utf-8" if why.startswith("not")
+            else "a binary file is rarely what a language model should read: pass text files")
+    warnings.warn(f"corpus file {str(path)!r} is {why} in its first {SNIFF_BYTES} bytes; the model reads its bytes "
+                  f"as they are ({todo})", stacklevel=2)
 
 
 def text_files(directory: str | os.PathLike) -> list[Path]:
@@ -400,10 +430,20 @@ def _build_from_files(source: Source, writer: CorpusWriter, show: bool) -> None:
     """Directory or stdlib: the files in sorted order, one document each."""
     files = list(source.files)
     if source.kind == "directory":
-        files = [f for f in files if f.is_file() and looks_like_text(f)]
+        candidates = [f for f in files if f.is_file()]
+        files = [f for f in candidates if looks_like_text(f)]
+        binary = [f.relative_to(source.path).as_posix() for f in candidates if f not in files]
+        shown = ", ".join(binary[:5]) + (f" and {len(binary) - 5} more" if len(binary) > 5 else "")
         if not files:
-            raise CorpusError(f"no text files in directory {str(source.path)!r}: looked for non-hidden files "
-                              f"whose first {SNIFF_BYTES} bytes contain no NUL byte")
+            raise CorpusError(f"no text files in directory {str(source.path)!r}: every non-hidden file is binary "
+                              f"(a NUL byte in its first {SNIFF_BYTES} bytes): {shown or 'none found'}; pass a "
+                              f"directory of text files")
+        if binary:
+            warnings.warn(f"corpus directory {str(source.path)!r}: left out {len(binary)} binary files (a NUL byte "
+                          f"in the first {SNIFF_BYTES} bytes): {shown}", stacklevel=2)
+        for f in files:
+            with open(f, "rb") as handle:
+                warn_not_utf8(f, handle.read(SNIFF_BYTES))
     total = sum(f.stat().st_size for f in files)
     with progress_bar(source, total, "B", show and total >= PROGRESS_MIN_BYTES) as bar:
         for f in files:
@@ -414,7 +454,10 @@ def _build_from_files(source: Source, writer: CorpusWriter, show: bool) -> None:
 def _build_from_gzip(source: Source, writer: CorpusWriter, show: bool) -> None:
     total = source.path.stat().st_size
     with open(source.path, "rb") as raw, progress_bar(source, total, "B", show and total >= PROGRESS_MIN_BYTES) as bar:
-        writer.add_document(_gunzipped_blocks(source, raw, bar))
+        blocks = _gunzipped_blocks(source, raw, bar)
+        first = next(blocks, b"")
+        warn_not_utf8(source.path, first[:SNIFF_BYTES])
+        writer.add_document(itertools.chain([first], blocks))
 
 
 # kind -> builder; datamodules.hf_text adds the Hugging Face kinds (datamodules/__init__ imports it)
@@ -534,7 +577,10 @@ def open_source(source: Source, *, leader: bool = True, show_progress: bool = Tr
     if source.kind == "file":
         if source.path.stat().st_size == 0:
             raise CorpusError(f"corpus is empty: {source.description} holds no bytes")
-        return map_file(source.path)
+        data = map_file(source.path)
+        if show_progress:  # rank zero: one warning per run
+            warn_not_utf8(source.path, bytes(data[:SNIFF_BYTES].numpy()))
+        return data
     entry = cache_entry(source)
     build_once(entry, lambda tmp: build_corpus(source, tmp, show_progress), leader)
     return map_file(entry / CORPUS_FILE)

@@ -7,26 +7,41 @@ Layout read everywhere (torchvision's ImageFolder layout, one folder per split):
 The default data set is scikit-learn's bundled handwritten digits (1,797 real 8x8 grayscale images,
 no download), written once as such a folder into a cache directory, so the default run goes
 through exactly the code path a user's data does.
+
+Any mix of image modes in one folder becomes 8-bit RGB (`to_rgb`): grayscale is replicated, 16-bit
+grayscale scaled to 8 bits (65535 -> 255), palette images expanded, transparent pixels (RGBA, LA,
+palette transparency) composited over black. Files without an image extension are ignored with a
+warning that names them; empty (0-byte) image files are named in an error at start-up, unreadable
+ones when loaded (`skip_corrupt=True` skips both with a warning).
+
+Training is exactly resumable: `EpochShuffleSampler` orders each epoch by a permutation seeded with
+(seed, epoch), shards it over ranks itself and restarts mid-epoch where a checkpoint stopped, and
+every random augmentation of image i in epoch e (crop, flip, RandAugment, erasing, and mixup/cutmix
+of its batch) draws from the RNG seeded with (seed, e, i), whichever loader worker decodes it.
 """
 
+import contextlib
 import math
 import os
+import stat
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 from torchvision.transforms import v2
 
 from hiertrans.io import atomic_directory, cache_dir
 
-from .text import ShardSampler
+from .text import ShardSampler, _mix
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 DIGITS_CLASSES = [str(d) for d in range(10)]
@@ -45,9 +60,33 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
 
 
+def scan_images(directory: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """`(images, empty, other)` under `directory`, recursively and sorted (deterministic indices):
+    non-empty image files, 0-byte image files, and visible files without an image extension.
+    One `stat` per file."""
+    images, empty, other = [], [], []
+    for p in sorted(directory.rglob("*")):
+        try:
+            st = p.stat()
+        except OSError:  # a dangling link is no file
+            continue
+        if not stat.S_ISREG(st.st_mode) or p.name.startswith("."):
+            continue
+        if not is_image_file(p):
+            other.append(p)
+        else:
+            (images if st.st_size else empty).append(p)
+    return images, empty, other
+
+
 def list_images(directory: Path) -> list[Path]:
-    """All image files under `directory` (recursively), sorted so that indices are deterministic."""
-    return sorted(p for p in directory.rglob("*") if p.is_file() and is_image_file(p))
+    """All non-empty image files under `directory` (recursively), sorted so that indices are deterministic."""
+    return scan_images(directory)[0]
+
+
+def _named(paths: Sequence[Path], limit: int = 5) -> str:
+    shown = ", ".join(repr(str(p)) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def subdirectories(directory: Path) -> list[str]:
@@ -78,11 +117,28 @@ def find_classes(root: str | Path, split: str) -> list[str]:
     return classes
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16/32-bit integer grayscale ("I;16*", "I") scaled from the 16-bit range
+    (65535 -> 255), transparency (RGBA, LA, PA, palette with a transparent colour) composited over black,
+    everything else (grayscale, palette, CMYK, YCbCr, float) converted by PIL."""
+    if image.mode.startswith("I;16") or image.mode == "I":  # PIL's own convert would clip at 255
+        pixels = np.asarray(image).astype(np.float64) / 257.0
+        image = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open and fully decode an image as RGB; CorruptImageError naming the file when that fails."""
+    """Open and fully decode an image as 8-bit RGB (`to_rgb`); CorruptImageError naming the file when
+    that fails."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")  # convert() decodes, so truncated files fail here, not later
+            image.load()  # decodes: truncated files fail here, not later
+            return to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise CorruptImageError(f"cannot read image file {str(path)!r}: {exc}") from exc
 
@@ -96,11 +152,14 @@ class HViTDataset(Dataset):
     Classes are the sorted subfolder names of the split (`classes`, `class_to_idx`); `samples` is
     the sorted list of `(path, class index)`, `targets` the class indices alone. Items are
     `(transform(image), target)` where the image is a PIL RGB image (3 channels whatever the file
-    holds; grayscale files are replicated) unless `transform` turns it into a `(3, H, W)` tensor.
+    holds: `to_rgb`) unless `transform` turns it into a `(3, H, W)` tensor.
 
-    Corrupt files are detected lazily, when an item is loaded (a full scan of 50k JPEGs at start-up
-    would cost minutes): by default loading one raises `CorruptImageError` naming the file; with
-    `skip_corrupt=True` a warning names it and the next readable sample is returned instead.
+    Files without an image extension are left out with a warning naming them. Empty (0-byte) image
+    files are found here, when the folder is listed: `CorruptImageError` naming them, or with
+    `skip_corrupt=True` a warning and they are left out. Other corrupt files are detected lazily,
+    when an item is loaded (decoding 50k JPEGs at start-up would cost minutes): by default loading
+    one raises `CorruptImageError` naming the file; with `skip_corrupt=True` a warning names it and
+    the next readable sample is returned instead.
     """
 
     def __init__(self, root: str | Path, transform: Callable | None = None, split: str = "train",
@@ -110,15 +169,26 @@ class HViTDataset(Dataset):
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         directory = self.root / split
         self.samples: list[tuple[str, int]] = []
-        empty = []
+        without, zero_byte, ignored = [], [], []
         for name in self.classes:
-            files = list_images(directory / name)
+            files, empty, other = scan_images(directory / name)
+            zero_byte += empty
+            ignored += other
             if not files:
-                empty.append(name)
+                without.append(name)
             self.samples += [(str(f), self.class_to_idx[name]) for f in files]
-        if empty:
-            raise ValueError(f"split folder {str(directory)!r}: class folders without images "
-                             f"(extensions {', '.join(IMG_EXTENSIONS)}): {empty}")
+        if ignored:
+            rank_zero_warn(f"split folder {str(directory)!r}: ignored {len(ignored)} files without an image "
+                           f"extension ({', '.join(IMG_EXTENSIONS)}): {_named(ignored)}")
+        if zero_byte and not skip_corrupt:
+            raise CorruptImageError(f"split folder {str(directory)!r}: empty (0-byte) image files: "
+                                    f"{_named(zero_byte)}; delete them or set skip_corrupt: true to skip them")
+        if zero_byte:
+            rank_zero_warn(f"skipping empty (0-byte) image files (skip_corrupt=True): {_named(zero_byte)}")
+        if without:
+            everything = " (every class folder is empty)" if len(without) == len(self.classes) else ""
+            raise ValueError(f"split folder {str(directory)!r}: class folders without images{everything} "
+                             f"(extensions {', '.join(IMG_EXTENSIONS)}): {without}")
         self.targets = [t for _, t in self.samples]
         self.corrupt: set[int] = set()  # indices found unreadable (per process: workers keep their own)
 
@@ -148,13 +218,21 @@ class HViTDataset(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Unlabelled images under `root`, recursively (no class folders needed): items `(image, path)`."""
+    """Unlabelled images under `root`, recursively (no class folders needed): items `(image, path)`.
+    Empty (0-byte) image files: `CorruptImageError` naming them, or left out with a warning
+    (`skip_corrupt=True`)."""
 
-    def __init__(self, root: str | Path, transform: Callable | None = None) -> None:
+    def __init__(self, root: str | Path, transform: Callable | None = None, skip_corrupt: bool = False) -> None:
         self.root, self.transform = Path(root), transform
         if not self.root.is_dir():
             raise ValueError(f"predict_root {str(root)!r} does not exist or is not a directory")
-        self.files = [str(p) for p in list_images(self.root)]
+        files, empty, _ = scan_images(self.root)
+        if empty and not skip_corrupt:
+            raise CorruptImageError(f"predict_root {str(root)!r}: empty (0-byte) image files: {_named(empty)}; "
+                                    f"delete them or set skip_corrupt: true to skip them")
+        if empty:
+            rank_zero_warn(f"skipping empty (0-byte) image files (skip_corrupt=True): {_named(empty)}")
+        self.files = [str(p) for p in files]
         if not self.files:
             raise ValueError(f"predict_root {str(root)!r} holds no images ({', '.join(IMG_EXTENSIONS)})")
 
@@ -181,6 +259,108 @@ def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tupl
         held += idx[:n]
         train += idx[n:]
     return sorted(train), sorted(held)
+
+
+# ----------------------------------------------------------------------------- resumable training order
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int | None, device: torch.device | None = None) -> Iterator[None]:
+    """Inside: the global RNG (the CPU's and `device`'s) seeded with `seed`; after: as it was before.
+    `seed=None`: the global RNG untouched."""
+    if seed is None:
+        yield
+        return
+    accelerator = device is not None and device.type != "cpu"
+    with torch.random.fork_rng([device] if accelerator else [], device_type=device.type if accelerator else "cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """Training order for a map-style data set: epoch e is a permutation seeded with (seed, e), sharded
+    over the ranks here (rank r takes positions r, r + W, ...; the shards padded to equal length by
+    repeating the first items, as `DistributedSampler` does) and resumable mid-epoch.
+
+    Yields `(epoch, i)` keys, so that the epoch reaches loader workers with each index (`SeededItems`).
+    It is a `DistributedSampler` so that Lightning does not wrap it (its wrapper would shuffle the
+    order again). Lightning calls `set_epoch` at every epoch start; `epoch_of` (e.g. the trainer's
+    `current_epoch`) overrides that number when given: after a restart from a checkpoint written at an
+    epoch's end, Lightning 2.6 passes one more than the epoch it runs. `start=k`: the first pass over
+    `epoch` begins at this rank's k-th item and puts the k already trained on at the end, where the
+    shortened epoch Lightning runs after a mid-epoch resume never reaches them (rotating, not
+    dropping, keeps `len()` and so Lightning's batch count).
+    """
+
+    def __init__(self, dataset: Sized, seed: int = 0, epoch: int = 0, start: int = 0, shuffle: bool = True,
+                 num_replicas: int | None = None, rank: int | None = None,
+                 epoch_of: Callable[[], int] | None = None) -> None:
+        initialised = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if initialised else 1
+        if rank is None:
+            rank = dist.get_rank() if initialised else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.epoch, self.epoch_of = epoch, epoch_of
+        # a start at or past the end means the epoch was finished: nothing to skip
+        self.start, self.start_epoch = (start if 0 <= start < self.num_samples else 0), epoch
+
+    def shard(self, epoch: int) -> list[int]:
+        """This rank's indices of `epoch`, in order."""
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch))).tolist()
+        else:
+            order = list(range(n))
+        order = (order * math.ceil(self.total_size / n))[: self.total_size]
+        return order[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch_of() if self.epoch_of is not None else self.epoch  # fixed for the whole pass
+        shard = self.shard(epoch)
+        start = self.start if epoch == self.start_epoch else 0
+        return ((epoch, i) for i in shard[start:] + shard[:start])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class SeededItems(Dataset):
+    """`dataset` indexed by `(epoch, i)` keys: item i, with every random draw of its transform made under
+    the RNG seeded with (seed, epoch, i) (`seeded_rng`), whatever process loads it. Items are `(*item,
+    item_seed)`; `SeededCollate` turns the seeds of a batch into one seed for batch-level randomness."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
+        epoch, i = key
+        item_seed = _mix(self.seed, epoch, i)
+        with seeded_rng(item_seed):
+            return (*self.dataset[i], item_seed)
+
+
+class SeededCollate:
+    """Collate `(image, target, item_seed)` training items; the batch's seed is a hash of its items' seeds.
+
+    `mix` (a `MixupCutmixCollate`, or None) mixes the batch under the RNG seeded with it; with
+    `keep_seed` the batch is `(images, targets, seed)` for randomness applied later on the device
+    (`ImageDataModule.on_after_batch_transfer`), else `(images, targets)`.
+    """
+
+    def __init__(self, mix: "MixupCutmixCollate | None" = None, keep_seed: bool = False) -> None:
+        self.mix, self.keep_seed = mix, keep_seed
+
+    def __call__(self, batch: list[tuple]) -> tuple:
+        images, targets, seeds = default_collate(batch)
+        seed = _mix(*seeds.tolist())
+        if self.mix is not None:
+            with seeded_rng(seed):
+                images, targets = self.mix.mix(images, targets)
+        return (images, targets, torch.tensor(seed)) if self.keep_seed else (images, targets)
 
 
 # ----------------------------------------------------------------------------- digits cache
@@ -426,7 +606,7 @@ class ImageDataModule(LightningDataModule):
         if stage == "predict":
             if self.predict_root is None:
                 raise ValueError("predict needs a folder of images: set data.init_args.predict_root")
-            self.predict_dataset = ImageFiles(self.predict_root, eval_tf)
+            self.predict_dataset = ImageFiles(self.predict_root, eval_tf, skip_corrupt=self.skip_corrupt)
             return
         if self.train_dataset is None:
             self.train_dataset, self.val_dataset = self._train_val(eval_tf)
@@ -465,38 +645,49 @@ class ImageDataModule(LightningDataModule):
         return Subset(train, train_idx), Subset(val, val_idx)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """With `in_memory`: uint8 batches -> float, augmented (training only) and normalised."""
+        """With `in_memory`: uint8 batches -> float, augmented (training only, under the RNG seeded with
+        the batch's seed) and normalised."""
         if not self.in_memory or self.trainer is None or self.trainer.predicting:
             return batch
-        images, targets = batch
+        images, targets, *seed = batch
         images = images.float() / 255
-        if self.trainer.training:
-            if self.augment["random_resized_crop"]:
-                images = random_resized_crop_flip(images, self.augment["crop_scale"], hflip=self.augment["hflip"])
-            elif self.augment["hflip"]:
-                images = random_hflip(images)
-        images = v2.functional.normalize(images, list(self.mean), list(self.std))
-        if self.trainer.training and self.mix is not None:
-            images, targets = self.mix.mix(images, targets)
+        training = self.trainer.training
+        with seeded_rng(int(seed[0]) if seed and training else None, images.device):
+            if training:
+                if self.augment["random_resized_crop"]:
+                    images = random_resized_crop_flip(images, self.augment["crop_scale"], hflip=self.augment["hflip"])
+                elif self.augment["hflip"]:
+                    images = random_hflip(images)
+            images = v2.functional.normalize(images, list(self.mean), list(self.std))
+            if training and self.mix is not None:
+                images, targets = self.mix.mix(images, targets)
         return images, targets
 
-    def _loader(self, dataset: Dataset, train: bool = False) -> DataLoader:
-        collate = self.mix if train and not self.in_memory else None
-        # val/test/predict: every image exactly once over DDP ranks (Lightning's DistributedSampler pads
-        # by repeating images, which would bias accuracy and duplicate predictions)
-        sampler = None if train else ShardSampler(dataset)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, sampler=sampler,
-                          num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0,
+    def _loader(self, dataset: Dataset, sampler: DistributedSampler, collate: Callable | None = None) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=collate, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, train=True)
+        """Seeded, resumable order (`EpochShuffleSampler`) and seeded augmentation (`SeededItems`). When
+        resuming mid-epoch, the sampler starts after the batches the checkpoint had trained on
+        (`processed`: ModelCheckpoint saves in on_train_batch_end, before the batch counts as completed)."""
+        trainer = self.trainer
+        epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        done = epoch_loop.batch_progress.current.processed if epoch_loop is not None else 0
+        epoch_of = (lambda: trainer.current_epoch) if hasattr(trainer, "current_epoch") else None
+        sampler = EpochShuffleSampler(self.train_dataset, self.seed, getattr(trainer, "current_epoch", 0) or 0,
+                                      start=done * self.batch_size, epoch_of=epoch_of)
+        collate = SeededCollate(None if self.in_memory else self.mix, keep_seed=self.in_memory)
+        return self._loader(SeededItems(self.train_dataset, self.seed), sampler, collate)
 
+    # val/test/predict: every image exactly once over DDP ranks (Lightning's DistributedSampler pads by
+    # repeating images, which would bias accuracy and duplicate predictions)
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset)
+        return self._loader(self.val_dataset, ShardSampler(self.val_dataset))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset)
+        return self._loader(self.test_dataset, ShardSampler(self.test_dataset))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset)
+        return self._loader(self.predict_dataset, ShardSampler(self.predict_dataset))

@@ -97,6 +97,45 @@ def test_corrupt_image_raises_naming_the_file_or_is_skipped(tmp_path):
         HViTDataset(tmp_path)[2]
 
 
+def test_every_image_mode_becomes_8_bit_rgb(tmp_path):
+    """Grayscale, palette, RGBA (transparent over black), 16-bit grayscale (scaled, not clipped) and a
+    palette with a transparent colour in one class folder; a non-image file is named in a warning."""
+    import numpy as np
+
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    Image.new("L", (4, 4), 100).save(folder / "gray.png")
+    palette = Image.new("P", (4, 4), 2)
+    palette.putpalette([0, 0, 0, 9, 9, 9, 10, 200, 30] + [0] * 759)
+    palette.save(folder / "palette.bmp")
+    Image.new("RGBA", (4, 4), (255, 255, 255, 0)).save(folder / "transparent.png")
+    Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16)).save(folder / "sixteen.png")
+    with_hole = Image.new("P", (4, 4), 1)
+    with_hole.putpalette([0, 0, 0, 250, 250, 250] + [0] * 762)
+    with_hole.save(folder / "palette_transparent.png", transparency=1)
+    (folder / "labels.csv").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"ignored 1 files without an image extension .*labels.csv"):
+        ds = HViTDataset(tmp_path)
+    pixels = {Path(path).stem: np.asarray(ds[i][0]) for i, (path, _) in enumerate(ds.samples)}
+    assert all(p.shape == (4, 4, 3) and p.dtype == np.uint8 for p in pixels.values())
+    assert (pixels["gray"] == 100).all() and (pixels["palette"] == (10, 200, 30)).all()
+    assert (pixels["transparent"] == 0).all() and (pixels["palette_transparent"] == 0).all()  # over black
+    assert (pixels["sixteen"] == round(40000 / 257)).all()  # 155, where PIL's own convert gives 255
+
+
+def test_zero_byte_images_are_named_or_skipped(tmp_path):
+    write_folder(tmp_path, "train", {"a": 2, "b": 1})
+    (tmp_path / "train" / "a" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(CorruptImageError, match=r"empty \(0-byte\) image files: .*empty.jpg.*skip_corrupt"):
+        HViTDataset(tmp_path)
+    with pytest.warns(UserWarning, match="skipping empty .*empty.jpg"):
+        ds = HViTDataset(tmp_path, skip_corrupt=True)
+    assert len(ds) == 3
+    with pytest.raises(CorruptImageError, match="predict_root .*empty.jpg"):  # images to label, too
+        ImageFiles(tmp_path)
+    assert len(ImageFiles(tmp_path, skip_corrupt=True)) == 3
+
+
 def test_image_files_for_predict(tmp_path):
     with pytest.raises(ValueError, match="predict_root"):
         ImageFiles(tmp_path)

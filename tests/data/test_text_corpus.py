@@ -8,6 +8,7 @@ import shutil
 import socket
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -449,3 +450,24 @@ def test_cli_names_a_missing_column_in_one_line(run_cli, tmp_path, monkeypatch):
     assert proc.returncode == 2
     assert re.search(r"hiertrans: error: .*column 'text' not found in .*docs.jsonl: its columns are "
                      r"\['body', 'id'\]", proc.stderr)
+
+
+def test_text_that_is_not_utf8_is_named_with_what_to_do(tmp_path):
+    """Single files are read byte for byte whatever they hold, with a warning when they do not start as
+    UTF-8 text; in a directory, binary files are left out by name, and empty files add nothing."""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café crème\n".encode("latin-1") * 50)
+    with pytest.warns(UserWarning, match=r"latin1.txt' is not UTF-8: byte 0xe9 at offset 3 .*iconv"):
+        assert bytes(load_corpus(latin1).tolist()) == latin1.read_bytes()
+    cut = tmp_path / "cut.txt"  # a multi-byte character cut by the 8 KiB sniff is still text
+    cut.write_bytes(b"x" * (8192 - 1) + "é".encode() + b"tail")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_corpus(cut)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.txt").write_text("alpha")
+    (tree / "empty.txt").write_text("")
+    (tree / "model.bin").write_bytes(b"\0\1\2" * 10)
+    with pytest.warns(UserWarning, match=r"left out 1 binary files .*model.bin"):
+        assert bytes(load_corpus(tree).tolist()) == b"alpha"  # the empty document adds no separator
