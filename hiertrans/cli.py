@@ -10,13 +10,19 @@ before it saved a checkpoint leaves no run directory behind. `--traceback` (or t
 variable `HIERTRANS_TRACEBACK=1`) re-raises instead, for debugging. Other exceptions are bugs and
 keep their traceback.
 
-`fit --ckpt_path last` resumes the newest `last.ckpt` of the configured logger's runs and keeps
-logging into that run's directory (Lightning alone would look in a fresh `version_N+1`).
+`fit --ckpt_path last` resumes the newest `last.ckpt` of the configured logger's runs (a file, or the
+directory of a distributed fsdp2 checkpoint) and keeps logging into that run's directory (Lightning
+alone would look in a fresh `version_N+1`). Every `--ckpt_path` is checked before anything runs: a file
+that is not a checkpoint, a truncated one, one of the other task or of a network of another shape is a
+user error naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -28,7 +34,9 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 _HERE = Path(__file__).resolve().parent
@@ -102,7 +110,8 @@ def _logger_run_root(logger_cfg: Any) -> tuple[Path, str] | None:
 
 
 def find_last_checkpoint(save_dir: Path, name: str) -> tuple[Path, int | str] | None:
-    """The newest `<save_dir>/<name>/<version>/checkpoints/last.ckpt` and its version (an int for version_N)."""
+    """The newest `<save_dir>/<name>/<version>/checkpoints/last.ckpt` (a file, or a distributed checkpoint's
+    directory) and its version (an int for version_N)."""
     candidates = sorted((save_dir / name).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         return None
@@ -110,6 +119,113 @@ def find_last_checkpoint(save_dir: Path, name: str) -> tuple[Path, int | str] | 
     version_dir = last.parent.parent.name
     match = re.fullmatch(r"version_(\d+)", version_dir)
     return last, int(match.group(1)) if match else version_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# checking --ckpt_path
+
+LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")  # resolved by Lightning itself
+META_FILE = "meta.pt"  # Lightning's metadata file inside a distributed checkpoint directory
+
+
+def read_checkpoint(path: str | Path, weights_only: bool = True) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """`(metadata, parameter shapes)` of a Lightning checkpoint: a file, or the directory of a distributed
+    (fsdp2) checkpoint. The metadata is the checkpoint without its tensors' values (hyper-parameters,
+    loop state); shapes are `{state_dict key: shape}`. `UserError` naming the file and what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--ckpt_path {str(path)!r} does not exist")
+    if path.is_dir():
+        if not (path / META_FILE).is_file():
+            raise UserError(f"--ckpt_path {str(path)!r} is a directory, not a checkpoint (a checkpoint is a .ckpt "
+                            f"file, or a distributed checkpoint directory holding {META_FILE})")
+        from torch.distributed.checkpoint import FileSystemReader
+
+        meta = _load(path / META_FILE, path, weights_only)
+        try:
+            tensors = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        except Exception as exc:  # noqa: BLE001 - any unreadable shard index is the same user problem
+            raise UserError(f"--ckpt_path {str(path)!r}: its distributed-checkpoint index is unreadable "
+                            f"({_first_line(exc)}): the directory is incomplete or damaged") from None
+        shapes = {key.removeprefix("state_dict."): tuple(getattr(value, "size", ()))
+                  for key, value in tensors.items() if key.startswith("state_dict.")}
+        return meta, shapes
+    checkpoint = _load(path, path, weights_only)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        what = f"keys {sorted(map(str, checkpoint))[:6]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise UserError(f"--ckpt_path {str(path)!r} is not a Lightning checkpoint: it holds no state_dict ({what})")
+    shapes = {key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")}
+    return {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states",
+                                                               "current_model_state")}, shapes
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(". ")
+
+
+def _load(file: Path, shown: Path, weights_only: bool) -> Any:
+    import torch
+
+    with open(file, "rb") as f:
+        head = f.read(4)
+    zipped = head == b"PK\x03\x04"  # torch.save's format since PyTorch 1.6 (legacy files are a bare pickle)
+    if not zipped and head[:1] != b"\x80":
+        raise UserError(f"--ckpt_path {str(shown)!r} is not a PyTorch checkpoint (neither a torch.save zip "
+                        f"archive nor a pickle: it starts with {head!r})")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=weights_only, mmap=zipped)
+    except pickle.UnpicklingError as exc:
+        if weights_only and "weights only load failed" in str(exc).lower():
+            raise UserError(f"--ckpt_path {str(shown)!r} holds pickled objects other than plain data, which "
+                            f"weights_only=True refuses; load it only if you trust its author: "
+                            f"--weights_only=false") from None
+        raise UserError(f"--ckpt_path {str(shown)!r} is corrupt: {_first_line(exc)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"--ckpt_path {str(shown)!r} is truncated or corrupt (torch.load: "
+                        f"{_first_line(exc)[:160]})") from None
+
+
+def checkpoint_model_config(path: str, meta: dict[str, Any], class_path: str | None) -> dict[str, Any] | None:
+    """The model config LightningCLI will read from the checkpoint's hyperparameters (`{"class_path",
+    "dict_kwargs"}`, None when it has none), after checking it was written by the configured task."""
+    hparams = {k: v for k, v in (meta.get("hyper_parameters") or {}).items() if k != "_instantiator"}
+    if not hparams:
+        return None
+    written_by = hparams.pop("_class_path", None)
+    if written_by is None:
+        raise UserError(f"--ckpt_path {path!r} was saved from Python, not by `python -m hiertrans fit`: its "
+                        f"hyperparameters name no task, so the CLI cannot rebuild the model from them; load it "
+                        f"in Python with <task>.load_from_checkpoint(path, net=...)")
+    if class_path is not None and written_by != class_path:
+        raise UserError(f"--ckpt_path {path!r} was written by {written_by}, but the config trains {class_path}: "
+                        f"use a checkpoint of this task, or the config it was trained with")
+    module, _, name = written_by.rpartition(".")
+    parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    unknown = sorted(k for k in hparams if k not in parameters)
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        raise UserError(f"--ckpt_path {path!r} holds arguments {written_by} does not take (written by another "
+                        f"version?): {', '.join(unknown)}")
+    return {"class_path": written_by, "dict_kwargs": hparams}
+
+
+def check_checkpoint_fits(path: str, shapes: dict[str, tuple[int, ...]], model: Any) -> None:
+    """Every parameter and buffer of `model` is in the checkpoint with the same shape, and nothing else."""
+    own = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own]
+    resized = [f"{k} is {tuple(shapes[k])} in the checkpoint but {own[k]} in the model"
+               for k in own if k in shapes and tuple(shapes[k]) != own[k]]
+    if not (missing or unexpected or resized):
+        return
+    problems = []
+    if resized:
+        problems.append("; ".join(resized[:2]) + (f" (and {len(resized) - 2} more)" if len(resized) > 2 else ""))
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    raise UserError(f"--ckpt_path {path!r} does not fit the configured network: {'; '.join(problems)} (a network "
+                    f"of another shape or kind; pass the config it was trained with)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,22 +262,42 @@ class HiertransCLI(LightningCLI):
             # our checkpoints are plain data: never unpickle arbitrary objects (Lightning's None means
             # torch's default for local files but False for remote ones); --weights_only=false opts out
             self.config[sub].weights_only = True
-        if sub != "fit" or self.config[sub].get("ckpt_path") != "last":
-            return
-        logger_cfg = self.config[sub].trainer.get("logger")
-        root = _logger_run_root(logger_cfg)
-        found = find_last_checkpoint(*root) if root else None
-        if found is None:
-            # nothing to resume: start from scratch, as Lightning does (it warns)
-            return
-        ckpt, version = found
-        self.config[sub].ckpt_path = str(ckpt)
-        logger_cfg.init_args.version = version  # keep logging into the interrupted run's directory
-        print(f"hiertrans: resuming from {ckpt}", file=sys.stderr)
+        self.checkpoint_shapes = None
+        if sub == "fit" and self.config[sub].get("ckpt_path") == "last":
+            logger_cfg = self.config[sub].trainer.get("logger")
+            root = _logger_run_root(logger_cfg)
+            found = find_last_checkpoint(*root) if root else None
+            if found is not None:  # else nothing to resume: start from scratch, as Lightning does (it warns)
+                ckpt, version = found
+                self.config[sub].ckpt_path = str(ckpt)
+                logger_cfg.init_args.version = version  # keep logging into the interrupted run's directory
+                print(f"hiertrans: resuming from {ckpt}", file=sys.stderr)
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES:
+            # before LightningCLI reads its hyperparameters: a bad file fails here, in one line
+            meta, self.checkpoint_shapes = read_checkpoint(ckpt_path, self.config[sub].get("weights_only") is not False)
+            model = checkpoint_model_config(ckpt_path, meta, getattr(self.config[sub].get("model"), "class_path", None))
+            if model is not None:  # what LightningCLI does next, with the file named when it fails
+                try:
+                    parser.parse_object({sub: {"model": model}}, self.config.clone())
+                except ArgumentError as exc:
+                    raise UserError(f"--ckpt_path {ckpt_path!r}: its hyperparameters do not fit {model['class_path']} "
+                                    f"(written by another version?): {_argument_error_message(str(exc))}") from None
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         HiertransCLI.current = self
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if getattr(self, "checkpoint_shapes", None) is not None:
+            if Path(ckpt_path).is_dir() and not isinstance(self.trainer.strategy, ModelParallelStrategy):
+                raise UserError(f"--ckpt_path {ckpt_path!r} is a distributed checkpoint (one shard per rank): load it "
+                                f"with --trainer.strategy=fsdp2 (any number of processes)")
+            check_checkpoint_fits(ckpt_path, self.checkpoint_shapes, self.model)
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            averaging = [type(cb).__name__ for cb in self.trainer.callbacks if isinstance(cb, WeightAveraging)]
+            if averaging:
+                raise UserError(f"trainer.callbacks: {averaging[0]} (EMA) does not support sharded models: use "
+                                f"--trainer.strategy=ddp with it, or remove it for fsdp2")
         self.run_started = _RunStarted()
         self.trainer.callbacks.append(self.run_started)
         if self.subcommand == "fit":
@@ -252,12 +388,21 @@ def _is_user_error(exc: BaseException, cli: HiertransCLI | None) -> bool:
 
 
 def run(args: list[str]) -> HiertransCLI:
+    import lit_modules.fsdp2  # noqa: F401 - registers --trainer.strategy=fsdp2
+
     check_config_files(args)
     # jsonargparse raises instead of printing its 50-line usage: main() prints one line
     parser_kwargs: dict[str, Any] = {"exit_on_error": False, **{s: {"exit_on_error": False} for s in SUBCOMMANDS}}
     with warnings.catch_warnings():
         # we pass args= on purpose (resolved config names), not by mistake
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+        # EMAWeightAveraging warns for every task (they define configure_model for fsdp2, which it then
+        # refuses), and when a checkpoint is loaded outside fit (validate/test/predict use the averaged
+        # weights the checkpoint holds): neither is a problem here
+        warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides.*")
+        warnings.filterwarnings("ignore", message=".*WeightAveraging callback, but loading a checkpoint outside.*")
+        # our training samplers restart mid-epoch themselves (EpochSampler, EpochShuffleSampler)
+        warnings.filterwarnings("ignore", message=".*before the epoch ended and your dataloader is not resumable.*")
         return HiertransCLI(
             LightningModule,
             LightningDataModule,

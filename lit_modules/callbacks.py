@@ -1,7 +1,10 @@
 """Callbacks shared by the tasks."""
 
 import math
+import signal
+import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -46,29 +49,66 @@ class StopOnNonFiniteLoss(Callback):
                 "it; the last checkpoint is the last good state (try a lower lr or gradient clipping)")
 
 
-def last_checkpoint_path(trainer: Trainer) -> Path:
-    """Where `--ckpt_path last` looks: the checkpoint directory of the `save_last` ModelCheckpoint."""
+def last_checkpoint(trainer: Trainer) -> tuple[Path, ModelCheckpoint | None]:
+    """Where `--ckpt_path last` looks, and the ModelCheckpoint that writes there: the checkpoint directory
+    of the `save_last` ModelCheckpoint."""
     callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
     chosen = next((cb for cb in callbacks if cb.save_last and cb.dirpath), None) or next(
         (cb for cb in callbacks if cb.dirpath), None)
     directory = Path(chosen.dirpath) if chosen is not None else Path(trainer.default_root_dir) / "checkpoints"
     name = (chosen.CHECKPOINT_NAME_LAST if chosen is not None else "last") + ModelCheckpoint.FILE_EXTENSION
-    return directory / name
+    return directory / name, chosen
 
 
 class SaveOnSigterm(Callback):
-    """On SIGTERM (a scheduler's pre-emption, `kill`, SLURM's time limit), write `last.ckpt` before exiting.
+    """On SIGTERM (a scheduler's pre-emption, `kill`, SLURM's time limit), write `last.ckpt` and stop with
+    `SIGTERMException` (exit 143 from the CLI) at the end of the training step in flight.
 
-    Lightning turns SIGTERM into a `SIGTERMException` raised after the current batch has completed
-    (under DDP at the start of the next one, on every rank together), so the state saved is a clean
-    step boundary and `fit --ckpt_path last` continues exactly there. Lightning writes checkpoints
-    atomically (a temporary file, then a rename), so a second signal (SIGKILL after a grace
-    period) cannot leave a truncated `last.ckpt` behind.
+    The signal may reach one rank (`kill <pid>`, or the `ddp` launcher's main process) or every rank at
+    once (SLURM and torchrun signal each task). The handler only takes note; at the end of every
+    training step the ranks agree (one small all-reduce: "did any rank get SIGTERM?") and all stop after
+    that same step, so the checkpoint is one consistent step boundary, and `fit --ckpt_path last`
+    continues exactly there. This handler replaces Lightning's own for the run: Lightning 2.6's
+    broadcasts from inside the signal handler, which breaks when every rank is signalled (the ranks'
+    broadcasts pair with whatever collective the others are in). Lightning writes checkpoints
+    atomically (a temporary file, then a rename), so a SIGKILL after a grace period cannot leave a
+    truncated `last.ckpt` behind.
     """
+
+    def __init__(self) -> None:
+        self.signalled = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.signalled = False  # (Lightning puts the handlers it found back when the run ends)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.signalled = True  # no I/O, no collectives: the handler may run in the middle of anything
+
+    def _install(self) -> None:
+        # after Lightning registered its handler (just before the loops start); main thread only
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._note)
+
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._install()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._install()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        stop = self.signalled or trainer.received_sigterm  # Lightning's handler may have seen one first
+        if trainer.world_size > 1:  # every rank, every step: all stop after the same one
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            raise SIGTERMException
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
-        path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # collective: every rank takes part, rank zero writes
+        path, writer = last_checkpoint(trainer)
+        if writer is not None and writer.save_last:
+            # recorded in the checkpoint: resumed, the callback overwrites this file (a last.ckpt it did not
+            # write itself would make it write last-v1.ckpt, and the next `--ckpt_path last` take the old one)
+            writer.last_model_path = str(path)
+        trainer.save_checkpoint(path)  # collective: every rank takes part, rank zero writes (fsdp2: gathers)
         rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")

@@ -1,9 +1,11 @@
 """`ImageClassifier`: image classification with any classifier network `net`.
 
 Recipe (DeiT/timm style, sized down): AdamW with weight-decay groups, linear warm-up then cosine
-decay stepped per optimizer step, label-smoothed cross-entropy (soft targets under mixup/cutmix),
-optional EMA of the weights for evaluation. Logs `train/loss`, `train/acc`,
-`train/images_per_sec`, `{val,test}/{loss,acc,acc_top5,f1}` and, on rank zero at every validation,
+decay stepped per optimizer step, label-smoothed cross-entropy (soft targets under mixup/cutmix).
+An EMA of the weights is Lightning's `EMAWeightAveraging` callback (`trainer.callbacks` in the
+configs): it swaps the averaged weights in for validation and saves them as the checkpoint's
+`state_dict`, so validation, test and predict from a checkpoint all use them. Logs `train/loss`,
+`train/acc`, `train/images_per_sec`, `{val,test}/{loss,acc,acc_top5,f1}` and, on rank zero at every validation,
 the attention maps of a fixed validation image (`val/attention`) to loggers that take figures.
 Predict writes `path,label,probability` rows to the datamodule's `predictions_path` (a CSV,
 written atomically; it is a data setting because LightningCLI restores the model's own
@@ -25,7 +27,6 @@ from lightning.pytorch import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -51,16 +52,6 @@ def num_classes_of(net: nn.Module) -> int:
     return count
 
 
-def ema_update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor | int,
-               decay: float) -> None:
-    """EMA with timm's warm-up: the decay rises as (1 + n) / (10 + n) up to `decay`, so early
-    averages are not dominated by the random initialisation."""
-    n = int(num_averaged)
-    d = min(decay, (1 + n) / (10 + n))
-    for ema, param in zip(ema_params, params):
-        ema.lerp_(param, 1.0 - d)
-
-
 def write_csv_atomic(path: str | Path, header: list[str], rows: list[list[Any]]) -> None:
     with atomic_write(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -82,9 +73,9 @@ class ImageClassifier(Task):
         scheduler: called with the optimizer, stepped per optimizer step; default linear warm-up
             over 5% of the run, then cosine decay to 1% of the LR.
         label_smoothing: cross-entropy label smoothing.
-        ema_decay: keep an exponential moving average of the weights and evaluate with it (None: off).
         compile: `torch.compile(net, fullgraph=True)` for training.
-        log_attention_every_val: log the attention-map figure of the first validation image.
+        log_attention_every_val: log the attention-map figure of the first validation image (not under
+            fsdp2: the maps read block weights outside their gathered forward).
     """
 
     def __init__(
@@ -94,22 +85,14 @@ class ImageClassifier(Task):
         scheduler: LRSchedulerCallable | None = lambda optimizer: WarmupCosineLR(
             optimizer, warmup_fraction=0.05, min_lr_ratio=0.01),
         label_smoothing: float = 0.1,
-        ema_decay: float | None = None,
         compile: bool = False,
         log_attention_every_val: bool = True,
     ) -> None:
         super().__init__(net, optimizer, scheduler, compile)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        if ema_decay is not None and not 0 < ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1) or None (off), got {ema_decay!r}")
         self.save_plain_hyperparameters()
         self.num_classes = num_classes = num_classes_of(net)
-        self.ema: AveragedModel | None = None
-        if ema_decay is not None:
-            self.ema = AveragedModel(net, multi_avg_fn=lambda e, p, n: ema_update(e, p, n, ema_decay),
-                                     use_buffers=True)
-            self.ema.requires_grad_(False)  # a shadow copy: DDP must not wait for its gradients
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = split_metrics("val", num_classes)
         self.test_metrics = split_metrics("test", num_classes)
@@ -123,8 +106,9 @@ class ImageClassifier(Task):
         return self.net(images)
 
     def eval_model(self) -> nn.Module:
-        """The network used for validation, test and predict: the EMA when enabled."""
-        return self.ema.module if self.ema is not None else self.net
+        """The network used for validation, test and predict: `net` (an EMA callback swaps its averaged
+        weights into `net` for validation, and checkpoints hold them)."""
+        return self.net
 
     # --- setup and checks -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -157,11 +141,6 @@ class ImageClassifier(Task):
             self.class_names = list(checkpoint["class_names"])
 
     # --- optimisation ---------------------------------------------------------------------------
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:  # after every real optimizer step (gradient accumulation included)
-            self.ema.update_parameters(self.net)
-
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Label-smoothed cross-entropy; `targets` `(B,)` indices or `(B, K)` probabilities."""
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
@@ -195,14 +174,17 @@ class ImageClassifier(Task):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         if batch_idx == 0:  # the val loader is not shuffled: this is the same image at every validation
             self._fixed_image = batch[0][0].detach().clone()
+            self._log_attention()  # here, not at the epoch end: an EMA callback has swapped its weights in
         return self._evaluate(batch, "val", self.val_metrics)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._evaluate(batch, "test", self.test_metrics)
 
-    def on_validation_epoch_end(self) -> None:
+    def _log_attention(self) -> None:
         if (not self.hparams.log_attention_every_val or self.trainer.sanity_checking
                 or self._fixed_image is None or not self.trainer.is_global_zero):
+            return
+        if self.device_mesh is not None:  # the maps read block weights outside their (collective) forward
             return
         net = self.eval_model()
         net = getattr(net, "_orig_mod", net)

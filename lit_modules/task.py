@@ -22,11 +22,16 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 
 from hiertrans import cpu_kernels
 from hiertrans.optim import WarmupCosineLR, no_weight_decay_names, param_groups
+
+from .fsdp2 import shard_blocks
 
 PLAIN = (bool, int, float, str, type(None))
 
@@ -43,12 +48,17 @@ def is_plain(value: Any) -> bool:
 class Task(LightningModule):
     """A training task around `net`: weight-decay groups (decided on the unwrapped network, before any
     sharding wrap), the optimizer and schedule callables, optional `torch.compile(fullgraph=True)`,
-    and the optional CPU kernels (`hiertrans.cpu_kernels`) when `HIERTRANS_CPU_KERNELS=1`.
+    FSDP2 sharding per block under `--trainer.strategy=fsdp2` (`configure_model`), and the optional
+    CPU kernels (`hiertrans.cpu_kernels`) when `HIERTRANS_CPU_KERNELS=1`.
 
     Weight decay applies to matrices only: not to norms, biases, embeddings, or what
     `net.no_weight_decay()` names (position embeddings, class token). A `WarmupCosineLR` built
     without `total_steps` runs for the trainer's `estimated_stepping_batches`; schedules step once
     per optimizer step.
+
+    Randomness inside the network (dropout, drop-path) is drawn from the global RNG seeded at every
+    training step with (the run's seed, step, rank): a run resumed from a checkpoint draws what the
+    uninterrupted run drew (Lightning does not save RNG states), and DDP ranks draw different masks.
     """
 
     def __init__(self, net: nn.Module, optimizer: Any, scheduler: Any = None, compile: bool = False) -> None:
@@ -74,10 +84,34 @@ class Task(LightningModule):
             del self.hparams[key]
             self._hparams_initial.pop(key, None)
 
+    def configure_model(self) -> None:
+        """Under the `fsdp2` strategy (a device mesh is set), shard `net` per block with FSDP2
+        (`lit_modules.fsdp2.shard_blocks`); otherwise nothing. Called once per run, before the optimizer
+        is built, so the weight-decay groups take the sharded (DTensor) parameters by their unchanged names."""
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        averaging = [type(cb).__name__ for cb in getattr(self._trainer, "callbacks", [])
+                     if isinstance(cb, WeightAveraging)]
+        if averaging:
+            raise ValueError(f"{averaging[0]} (EMA) does not support sharded models: Lightning's weight averaging "
+                             f"keeps an unsharded copy of the whole model on every rank; use "
+                             f"--trainer.strategy=ddp with EMA, or remove the callback for fsdp2")
+        if mesh.ndim != 2 or mesh["tensor_parallel"].size() != 1:
+            raise ValueError(f"{type(self).__name__} shards data-parallel only (FSDP2); got the device mesh "
+                             f"{mesh}: use --trainer.strategy=fsdp2")
+        shard_blocks(self.net, mesh["data_parallel"])
+        self._sharded = True
+
     def setup(self, stage: str) -> None:
+        self.run_seed = torch.initial_seed()  # seed_everything's value in a seeded run
         if self.compile_net and stage == "fit" and not getattr(self, "_compiled", False):
             self.net.compile(fullgraph=True)  # in place: parameter names (and checkpoints) unchanged
             self._compiled = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        step_seed = np.random.SeedSequence([self.run_seed, self.global_step, self.global_rank]).generate_state(1)
+        torch.manual_seed(int(step_seed[0]))
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer(param_groups(self.net, no_decay=self.no_decay))

@@ -152,3 +152,117 @@ def test_end_to_end_exit_code_and_stderr(run_cli, tmp_path):
     assert "hiertrans: error:" in proc.stderr and "missing.txt" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 8, proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# --- checkpoints that are not usable for the config ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_checkpoint(tmp_path_factory) -> Path:
+    """A real checkpoint of the language model: one step of lm.yaml's network, shrunk."""
+    tmp = tmp_path_factory.mktemp("lm_checkpoint")
+    text = write(tmp / "c.txt", "hello world\n" * 400)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        main(["fit", "--config", "lm.yaml", *TINY_LM, f"--data.init_args.path={text}",
+              "--trainer.num_sanity_val_steps=0"])
+    return tmp / "runs/lm/version_0/checkpoints/last.ckpt"
+
+
+def _classifier_checkpoint(path: Path) -> None:
+    """A checkpoint of an ImageClassifier built in Python (its hyperparameters name no task class)."""
+    import lightning.pytorch as pl
+
+    from hiertrans import HierarchialViT
+    from lit_modules import ImageClassifier
+
+    net = HierarchialViT(img_size=32, num_classes=10, embed_dims=[8, 8, 8, 8], num_heads=[1, 1, 1, 1],
+                         depths=[1, 1, 1, 1], sr_ratios=[1, 1, 1, 1])
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.strategy.connect(ImageClassifier(net))
+    trainer.save_checkpoint(path)
+
+
+class Opaque:
+    """A class a checkpoint can pickle but weights_only=True refuses to rebuild."""
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("text", "is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle"),
+    ("truncated", "is truncated or corrupt (torch.load: PytorchStreamReader failed reading zip archive"),
+    ("other task", "was written by lit_modules.LanguageModel, but the config trains lit_modules.ImageClassifier"),
+    ("other shape", "does not fit the configured network: net.token_emb.weight is (256, 32) in the checkpoint but "
+                    "(256, 48) in the model"),
+    ("old arguments", "holds arguments lit_modules.LanguageModel does not take (written by another version?): "
+                      "ema_decay"),
+    ("from Python", "was saved from Python, not by `python -m hiertrans fit`"),
+    ("pickled object", "holds pickled objects other than plain data, which weights_only=True refuses"),
+])
+def test_a_checkpoint_that_does_not_fit_is_named_in_one_line(case, expected, lm_checkpoint, tmp_path, monkeypatch,
+                                                             capsys):
+    import torch
+
+    path, config = tmp_path / "given.ckpt", "vit.yaml"
+    if case == "text":
+        path.write_text("these are notes, not weights\n")
+    elif case == "truncated":
+        data = lm_checkpoint.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "other task":
+        path.write_bytes(lm_checkpoint.read_bytes())
+    elif case in ("other shape", "old arguments"):  # hyperparameters that no longer describe the weights
+        checkpoint, config = torch.load(lm_checkpoint, weights_only=True), "lm.yaml"
+        if case == "other shape":
+            checkpoint["hyper_parameters"]["net"]["init_args"]["dim"] = 48
+        else:
+            checkpoint["hyper_parameters"]["ema_decay"] = 0.999
+        torch.save(checkpoint, path)
+    elif case == "from Python":
+        _classifier_checkpoint(path)
+    else:
+        torch.save({"state_dict": {}, "extra": Opaque()}, path)
+    sub = "predict" if case == "other task" else "fit"  # every subcommand checks its --ckpt_path
+    err = fail(tmp_path, monkeypatch, capsys, sub, "--config", config, "--ckpt_path", str(path),
+               "--trainer.max_steps=1", "--trainer.enable_progress_bar=false")
+    assert str(path) in err and expected in err, err
+
+
+def test_checkpoint_paths_that_are_no_checkpoint(tmp_path):
+    from hiertrans.cli import UserError, read_checkpoint
+
+    with pytest.raises(UserError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+    with pytest.raises(UserError, match="is a directory, not a checkpoint"):
+        read_checkpoint(tmp_path)
+
+
+def test_ema_with_fsdp2_is_refused_before_any_process_starts(tmp_path, monkeypatch, capsys):
+    err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "vit.yaml", "--trainer.strategy=fsdp2",
+               "--trainer.devices=2", "--trainer.accelerator=cpu",
+               "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging")
+    assert "EMAWeightAveraging (EMA) does not support sharded models" in err and "ddp" in err
+
+
+# --- data that is not usable ------------------------------------------------------------------------
+
+
+def test_zero_byte_image_and_empty_class_folders(tmp_path, monkeypatch, capsys):
+    _image_folder(tmp_path / "imgs", corrupt=False)
+    (tmp_path / "imgs" / "train" / "b" / "blank.png").write_bytes(b"")
+    err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "vit.yaml", *VIT,
+               f"--data.init_args.root={tmp_path / 'imgs'}")
+    assert "empty (0-byte) image files" in err and "blank.png" in err and "skip_corrupt" in err
+    for cls in ("a", "b"):
+        for f in (tmp_path / "imgs" / "train" / cls).iterdir():
+            f.unlink()
+    err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "vit.yaml", *VIT,
+               f"--data.init_args.root={tmp_path / 'imgs'}")
+    assert "class folders without images (every class folder is empty)" in err and "'a', 'b'" in err
+
+
+def test_a_directory_of_binary_files_is_named(tmp_path, monkeypatch, capsys):
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "weights.bin").write_bytes(b"\x00\x01" * 100)
+    err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "lm.yaml", *TINY_LM,
+               f"--data.init_args.path={tmp_path / 'blobs'}")
+    assert "no text files in directory" in err and "weights.bin" in err and "binary" in err

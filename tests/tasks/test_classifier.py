@@ -1,4 +1,4 @@
-"""ImageClassifier: weight-decay groups, learning, EMA, checks, predict CSV, and the vit.yaml CLI run."""
+"""ImageClassifier: weight-decay groups, learning, the EMA callback, checks, predict CSV, and the vit.yaml CLI run."""
 
 import csv
 import shutil
@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 from conftest import read_scalars
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from PIL import Image
 from torch import nn
 
@@ -14,7 +15,7 @@ from datamodules.images import ImageDataModule
 from hiertrans.optim import WarmupCosineLR
 from hiertrans.optim import param_groups as weight_decay_groups
 from hiertrans.vit import create_model, timm_model
-from lit_modules.classifier import ImageClassifier, ema_update
+from lit_modules.classifier import ImageClassifier
 
 TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 1, 1])
 
@@ -98,28 +99,45 @@ def test_soft_targets_match_hard_targets():
     assert torch.allclose(module.loss(logits, targets), module.loss(logits, soft))
 
 
-def test_ema_update_warms_up():
-    ema, param = [torch.zeros(3)], [torch.ones(3)]
-    ema_update(ema, param, 0, decay=0.999)  # n = 0: decay min(0.999, 1/10)
-    assert torch.allclose(ema[0], torch.full((3,), 0.9))
-    ema_update(ema, param, 10_000, decay=0.5)
-    assert torch.allclose(ema[0], torch.full((3,), 0.95))
+class RecordHead(Callback):
+    """Test helper: the head's weights after every optimizer step, and the ones each validation used."""
+
+    def __init__(self) -> None:
+        self.trained, self.validated = [], []
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.trained.append(module.net.head.weight.detach().clone())
+
+    def on_validation_epoch_start(self, trainer, module) -> None:  # runs after the EMA callback's swap
+        if not trainer.sanity_checking:
+            self.validated.append(module.net.head.weight.detach().clone())
 
 
-def test_fit_with_ema_schedule_and_metrics(tmp_path):
+def test_fit_with_ema_callback_schedule_and_metrics(tmp_path):
+    """Lightning's EMAWeightAveraging: updated after every optimizer step (a copy at the first, then
+    `0.9 * ema + 0.1 * weights`: no warm-up), swapped in for validation, saved as the checkpoint's
+    `state_dict` beside the trained weights (`current_model_state`), all loadable with weights_only."""
     torch.manual_seed(0)
-    dm = ImageDataModule(image_folder(tmp_path), img_size=32, batch_size=8, val_fraction=0.25)
-    module = tiny(ema_decay=0.9, optimizer=adamw(1e-3),
-                  scheduler=lambda opt: WarmupCosineLR(opt, warmup_steps=2, min_lr_ratio=0.1))
-    before = [p.detach().clone() for p in module.net.parameters()]
-    t = trainer(max_epochs=2)
-    t.fit(module, dm)  # 18 train images: 3 steps per epoch
-    assert t.global_step == 6 and int(module.ema.n_averaged) == 6
-    assert module.eval_model() is module.ema.module
-    assert not any(p.requires_grad for p in module.ema.parameters())
-    ema, live = list(module.ema.module.parameters()), list(module.net.parameters())
-    assert any(not torch.equal(e, p) for e, p in zip(ema, live))
-    assert any(not torch.equal(e, b) for e, b in zip(ema, before))
+    dm = ImageDataModule(image_folder(tmp_path / "data"), img_size=32, batch_size=8, val_fraction=0.25)
+    module = tiny(optimizer=adamw(1e-3), scheduler=lambda opt: WarmupCosineLR(opt, warmup_steps=2, min_lr_ratio=0.1))
+    record = RecordHead()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    t = trainer(max_epochs=2, callbacks=[EMAWeightAveraging(decay=0.9), record, checkpoints],
+                enable_checkpointing=True)
+    t.fit(module, dm)  # 18 train images: 3 steps per epoch, a validation after each epoch
+    assert t.global_step == 6 and len(record.trained) == 6
+    averages = [record.trained[0]]
+    for weights in record.trained[1:]:
+        averages.append(0.9 * averages[-1] + 0.1 * weights)
+    for validated, step in zip(record.validated, (3, 6), strict=True):
+        torch.testing.assert_close(validated, averages[step - 1])
+    assert not torch.allclose(averages[-1], record.trained[-1])
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    torch.testing.assert_close(saved["state_dict"]["net.head.weight"], averages[-1])
+    torch.testing.assert_close(saved["current_model_state"]["net.head.weight"], record.trained[-1])
+    assert int(saved["averaging_state"]["n_averaged"]) == 6
+    evaluated = ImageClassifier.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True, net=tiny_net())
+    torch.testing.assert_close(evaluated.net.head.weight, averages[-1])  # predict/test use the average
     # warm-up over 2 steps, then cosine to 0.1 x lr at step 6
     scheduler = t.lr_scheduler_configs[0].scheduler
     assert t.lr_scheduler_configs[0].interval == "step"
@@ -156,8 +174,6 @@ def test_num_classes_must_match_the_data(tmp_path):
 
 
 def test_bad_hyperparameters_and_networks():
-    with pytest.raises(ValueError, match="ema_decay"):
-        tiny(ema_decay=1.5)
     with pytest.raises(TypeError, match="net must be a torch.nn.Module"):
         ImageClassifier("hvit_cifar")
     with pytest.raises(ValueError, match="num_classes >= 2"):
@@ -215,7 +231,15 @@ def test_cli_fit_logs_scalars_figure_checkpoint_then_predicts(run_cli, tmp_path,
           "--trainer.enable_progress_bar=false"])
     with open(tmp_path / "labels.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(list(images.iterdir())) and {r["label"] for r in rows} <= set("0123456789")
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in images.iterdir())
+    # the content: each image's label is the class at the argmax, its probability the largest softmax
+    from datamodules.images import eval_transform, load_rgb
+
+    model = ImageClassifier.load_from_checkpoint(checkpoint, weights_only=True).eval()
+    with torch.no_grad():
+        probs = model(torch.stack([eval_transform(32)(load_rgb(r["path"])) for r in rows])).softmax(-1)
+    assert [r["label"] for r in rows] == [model.class_names[i] for i in probs.argmax(-1).tolist()]
+    assert [float(r["probability"]) for r in rows] == pytest.approx(probs.max(-1).values.tolist(), abs=2e-6)
 
 
 def test_cifar10_config_builds_model_and_data(tmp_path):
@@ -231,7 +255,8 @@ def test_cifar10_config_builds_model_and_data(tmp_path):
     cli = LightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True,
                        subclass_mode_data=True, auto_configure_optimizers=False, run=False, args=args)
     assert isinstance(cli.model, ImageClassifier) and cli.model.hparams.net["init_args"]["name"] == "hvit_cifar"
-    assert cli.model.ema is not None and cli.datamodule.num_classes == 10
+    (ema,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, EMAWeightAveraging)]
+    assert ema.should_update(step_idx=0) and cli.datamodule.num_classes == 10
     cli.datamodule.setup("fit")
     x, y = next(iter(cli.datamodule.train_dataloader()))
     assert x.shape == (10, 3, 32, 32) and y.shape == (10, 10)  # one image per class held out; mixup on
