@@ -33,21 +33,51 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
             if param.ndim <= 1 or id(param) in embeddings or name in skip or name.rsplit(".", 1)[-1] in skip}
 
 
-def param_groups(model: nn.Module, weight_decay: float | None = None,
-                 no_decay: set[str] | None = None) -> list[dict[str, Any]]:
+def layer_ids(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> depth index (0 = the stem, the largest = the head), by `model.group_matcher()`
+    (the timm convention, which `HierarchialViT` follows), else timm's automatic grouping."""
+    from timm.models import group_parameters
+    from timm.optim._param_groups import auto_group_layers
+
+    if hasattr(model, "group_matcher"):
+        return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    return auto_group_layers(model)
+
+
+def param_groups(model: nn.Module, weight_decay: float | None = None, no_decay: set[str] | None = None,
+                 layer_decay: float | None = None) -> list[dict[str, Any]]:
     """Optimizer parameter groups `decay` and `no_decay` (weight decay 0). The `decay` group takes
     `weight_decay` when given, else the optimizer's own setting; `no_decay` names default to
-    `no_weight_decay_names(model)` (pass them computed before an FSDP wrap)."""
+    `no_weight_decay_names(model)` (pass them computed before an FSDP wrap).
+
+    `layer_decay` (e.g. 0.75, for fine-tuning) splits both groups per depth (`layer_ids`) and gives each
+    an `lr_scale` of `layer_decay ** (depth of the head - depth)`, as timm's optimizer factory does;
+    `WarmupCosineLR` (like timm's schedulers) multiplies each group's LR by it.
+    """
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1] (1: no decay), got {layer_decay!r}")
     no_decay = no_weight_decay_names(model) if no_decay is None else no_decay
-    groups: dict[bool, list] = {True: [], False: []}
+    depth_of = layer_ids(model) if layer_decay is not None else {}
+    deepest = max(depth_of.values(), default=0)
+    groups: dict[tuple[int | None, bool], dict[str, Any]] = {}
+    for decays in (True, False):  # "decay" and "no_decay" first and always present without layer decay
+        if layer_decay is None:
+            groups[None, decays] = {"params": [], "name": "decay" if decays else "no_decay"}
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            groups[clean_name(name) not in no_decay].append(param)
-    # "name" labels the groups in LearningRateMonitor (lr-AdamW/decay, lr-AdamW/no_decay)
-    decay = {"params": groups[True], "name": "decay"}
-    if weight_decay is not None:
-        decay["weight_decay"] = weight_decay
-    return [decay, {"params": groups[False], "weight_decay": 0.0, "name": "no_decay"}]
+        if not param.requires_grad:
+            continue
+        decays, depth = clean_name(name) not in no_decay, depth_of.get(name)
+        # "name" labels the groups in LearningRateMonitor (lr-AdamW/decay, lr-AdamW/layer_3/no_decay)
+        group = groups.setdefault((depth, decays), {
+            "params": [], "name": f"layer_{depth}/{'decay' if decays else 'no_decay'}",
+            "lr_scale": layer_decay ** (deepest - depth) if depth is not None else 1.0})
+        group["params"].append(param)
+    for (_, decays), group in groups.items():
+        if not decays:
+            group["weight_decay"] = 0.0
+        elif weight_decay is not None:
+            group["weight_decay"] = weight_decay
+    return list(groups.values())
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_lr_ratio: float) -> float:
@@ -68,6 +98,7 @@ class WarmupCosineLR(LRScheduler):
     `total_steps=None` means "the length of the run": the training tasks set it from the trainer
     (`set_total_steps`) before the first step, so one config serves any `max_steps` / `max_epochs`.
     Its state (steps taken, lengths) is in `state_dict`, so a resumed run continues the same curve.
+    A group's `lr_scale` (layer-wise decay, `param_groups(layer_decay=...)`) scales its LR throughout.
     """
 
     def __init__(self, optimizer: Optimizer, warmup_steps: int | None = None, warmup_fraction: float = 0.0,
@@ -102,7 +133,8 @@ class WarmupCosineLR(LRScheduler):
 
     def get_lr(self) -> list[float]:
         factor = self.multiplier(self.last_epoch)
-        return [base * factor for base in self.base_lrs]
+        return [base * factor * group.get("lr_scale", 1.0)
+                for base, group in zip(self.base_lrs, self.optimizer.param_groups, strict=True)]
 
 
 def warmup_cosine_schedule(optimizer: Optimizer, warmup_steps: int, total_steps: float,

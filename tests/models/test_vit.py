@@ -402,3 +402,29 @@ def test_compiles_fullgraph_forward_and_backward():
         torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-4)
         for got, p in zip(grads, model.parameters()):
             torch.testing.assert_close(got, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_layer_decay_groups_follow_group_matcher():
+    """Layer-wise LR decay (fine-tuning): groups per depth from `group_matcher`, the head at full LR,
+    the stem at layer_decay ** deepest; weight decay still off for norms, biases and position embeddings;
+    WarmupCosineLR applies each group's lr_scale."""
+    from hiertrans.optim import WarmupCosineLR, layer_ids, no_weight_decay_names, param_groups
+
+    model = create_model("hvit_cifar", depths=(1, 1, 1, 1))
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    depth = layer_ids(model)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    deepest = max(depth.values())
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert by_param[id(names["head.weight"])]["lr_scale"] == 1.0
+    assert by_param[id(names["stages.0.downsample.proj.weight"])]["lr_scale"] == 0.5 ** deepest
+    skip = no_weight_decay_names(model)
+    for name, param in names.items():
+        assert by_param[id(param)]["weight_decay"] == (0.0 if name in skip else 0.05), name
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    WarmupCosineLR(optimizer, warmup_steps=0, total_steps=10)
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(1e-3 * group["lr_scale"])
+    with pytest.raises(ValueError, match="layer_decay must be in"):
+        param_groups(model, layer_decay=1.5)
