@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine  # noqa: E402
 from hiertrans import HierarchicalTransformer  # noqa: E402
 
 
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
+    print(machine())
     print(f"LM dim={args.dim} depth={args.depth} seq_len={args.seq_len} batch={args.batch}/process, "
           f"{args.steps} timed steps after {args.warmup} warm-up, 1 thread per process, "
           f"{os.cpu_count()} CPUs visible, torch {torch.__version__}")

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import fmt_ratio, peak_memory_during, timed  # noqa: E402
+from bench.common import fmt_ratio, machine, peak_memory_during, timed  # noqa: E402
 from hiertrans.reduction import HierarchyReduction1d  # noqa: E402
 
 MiB = 2**20
@@ -197,6 +197,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     mean_len = args.tokens / args.segments
+    print(machine())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, dim {args.dim}; "
           f"{args.tokens:,} tokens in {args.segments:,} segments (mean length {mean_len:g}, "
           f"random cut points, so some segments are empty)\n")
