@@ -1,4 +1,6 @@
 """`python -m hiertrans {fit,validate,test,predict} --config lm.yaml`: one LightningCLI for every task.
+`python -m hiertrans export --config X.yaml --ckpt_path CKPT --out DIR [--ema]` writes a checkpoint's
+network as a Hugging Face-style folder (`save_pretrained`; `export`).
 
 Configs use subclass form (`model: {class_path, init_args}`, same for `data`), so any
 LightningModule/LightningDataModule of this project (or the user's) plugs in. A bare config name
@@ -229,6 +231,76 @@ def check_checkpoint_fits(path: str, shapes: dict[str, tuple[int, ...]], model: 
 
 
 # ---------------------------------------------------------------------------------------------
+# export
+
+
+def export(args: list[str]) -> Path:
+    """`export --config X.yaml --ckpt_path CKPT --out DIR [--ema]`: the network of a training checkpoint
+    (a file, or a distributed checkpoint's directory) saved with its `save_pretrained` (`model.safetensors`
+    + `config.json`, see `hiertrans.hub`), so `Class.from_pretrained(DIR)` rebuilds it. The network is
+    the one the checkpoint's hyperparameters describe (the config names the task, which must match);
+    its trained weights, or with `--ema` the EMA weights an EMA callback saved. The folder appears
+    whole or not at all; an existing `--out` is refused."""
+    import argparse
+    import tempfile
+
+    import torch
+
+    from hiertrans.io import atomic_directory
+
+    check_config_files(args)
+    parser = argparse.ArgumentParser(prog="python -m hiertrans export", exit_on_error=False,
+                                     description="Save a checkpoint's network as a save_pretrained folder.")
+    parser.add_argument("--config", "-c", action="append", default=[], help="the config the run was trained with")
+    parser.add_argument("--ckpt_path", help="a checkpoint written by `python -m hiertrans fit`")
+    parser.add_argument("--out", help="the folder to write (must not exist)")
+    parser.add_argument("--ema", action="store_true", help="the EMA weights (trained with an EMA callback)")
+    opts, unknown = parser.parse_known_args(args)
+    if unknown:
+        raise UserError(f"export takes --config, --ckpt_path, --out and --ema, not {' '.join(unknown)} (the network "
+                        f"is the one the checkpoint describes)")
+    if not opts.ckpt_path or not opts.out:
+        raise UserError("export needs --ckpt_path CKPT and --out DIR")
+    out = Path(opts.out)
+    if out.exists():
+        raise UserError(f"--out {str(out)!r} already exists: remove it or choose a new folder")
+    class_path = None
+    for config in opts.config:
+        class_path = ((yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}).get("class_path", class_path)
+    meta, _ = read_checkpoint(opts.ckpt_path)
+    model = checkpoint_model_config(opts.ckpt_path, meta, class_path)
+    if model is None:
+        raise UserError(f"--ckpt_path {opts.ckpt_path!r} holds no hyperparameters to rebuild the network from")
+    module, _, name = model["class_path"].rpartition(".")
+    task = getattr(importlib.import_module(module), name)
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(opts.ckpt_path)
+        if file.is_dir():  # a distributed checkpoint: gathered into one file first
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+            dcp_to_torch_save(file, Path(tmp) / "full.ckpt")
+            file = Path(tmp) / "full.ckpt"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*WeightAveraging callback.*")
+            # the checkpoint's state_dict: the averaged weights when an EMA callback saved it
+            loaded = task.load_from_checkpoint(file, map_location="cpu", weights_only=True)
+        trained = torch.load(file, map_location="cpu", weights_only=True, mmap=True).get("current_model_state")
+        if opts.ema and trained is None:
+            raise UserError(f"--ckpt_path {opts.ckpt_path!r} holds no EMA weights (trained without an EMA callback "
+                            f"or ema_decay): export without --ema")
+        if trained is not None and not opts.ema:
+            loaded.load_state_dict(trained)
+    net = getattr(loaded, "net", loaded)
+    if not callable(getattr(net, "save_pretrained", None)):
+        raise UserError(f"{type(net).__name__} has no save_pretrained (hiertrans.hub.HubMixin): it cannot be exported")
+    with atomic_directory(out) as tmp:
+        net.save_pretrained(tmp)
+    print(f"hiertrans: wrote {'the EMA weights of ' if opts.ema else ''}{type(net).__name__} to {out} "
+          f"({type(net).__name__}.from_pretrained({str(out)!r}) loads it)", file=sys.stderr)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # the CLI
 
 
@@ -294,7 +366,9 @@ class HiertransCLI(LightningCLI):
                                 f"with --trainer.strategy=fsdp2 (any number of processes)")
             check_checkpoint_fits(ckpt_path, self.checkpoint_shapes, self.model)
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
-            averaging = [type(cb).__name__ for cb in self.trainer.callbacks if isinstance(cb, WeightAveraging)]
+            task_callbacks = self.model.configure_callbacks() or []  # e.g. the classifier's ema_decay
+            averaging = [type(cb).__name__ for cb in [*self.trainer.callbacks, *task_callbacks]
+                         if isinstance(cb, WeightAveraging)]
             if averaging:
                 raise UserError(f"trainer.callbacks: {averaging[0]} (EMA) does not support sharded models: use "
                                 f"--trainer.strategy=ddp with it, or remove it for fsdp2")
@@ -422,7 +496,7 @@ def main(args: list[str] | None = None) -> None:
     args = resolve_config_args([a for a in args if a != "--traceback"])
     HiertransCLI.current = None
     try:
-        run(args)
+        export(args[1:]) if args[:1] == ["export"] else run(args)
     except SIGTERMException:
         # SaveOnSigterm wrote last.ckpt; 128 + SIGTERM is the exit status schedulers expect
         print("hiertrans: stopped by SIGTERM; continue with --ckpt_path last", file=sys.stderr)
@@ -448,7 +522,7 @@ def main(args: list[str] | None = None) -> None:
         if where and where.group(1) not in message:
             message = f"{where.group(1)}: {message}"
         if isinstance(cause, ArgumentError | UserError) or isinstance(exc, ArgumentError):
-            sub = next((a for a in args if a in SUBCOMMANDS), "fit")
+            sub = next((a for a in args if a in (*SUBCOMMANDS, "export")), "fit")
             message += f"\n  (python -m hiertrans {sub} --help lists every option)"
         print(f"hiertrans: error: {message}", file=sys.stderr)
         sys.exit(2)

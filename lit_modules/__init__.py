@@ -1,9 +1,9 @@
 """LightningModules: one per task, and the callbacks and strategy they share."""
 
-from .callbacks import NonFiniteLossError, SaveOnSigterm, StopOnNonFiniteLoss, ValidateAtEnd
+from .callbacks import EMA, NonFiniteLossError, SaveOnSigterm, StopOnNonFiniteLoss, ValidateAtEnd
 from .classifier import ImageClassifier, TorchThreads
 from .fsdp2 import FSDP2Strategy  # registers --trainer.strategy=fsdp2
 from .language_model import LanguageModel
 
-__all__ = ["FSDP2Strategy", "ImageClassifier", "LanguageModel", "NonFiniteLossError", "SaveOnSigterm",
+__all__ = ["EMA", "FSDP2Strategy", "ImageClassifier", "LanguageModel", "NonFiniteLossError", "SaveOnSigterm",
            "StopOnNonFiniteLoss", "TorchThreads", "ValidateAtEnd"]

@@ -3,12 +3,13 @@
 import math
 import signal
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -47,6 +48,49 @@ class StopOnNonFiniteLoss(Callback):
                 f"non-finite loss ({shown}) at step {trainer.global_step} (epoch {trainer.current_epoch}, "
                 f"batch {trainer.fit_loop.epoch_loop.batch_idx}): training stopped before the optimizer applied "
                 "it; the last checkpoint is the last good state (try a lower lr or gradient clipping)")
+
+
+def ema_warmup_update(ema: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor,
+                      decay: float) -> None:
+    """One EMA step in place with timm's warm-up: the decay is `min(decay, (1 + n) / (10 + n))` after `n`
+    averages, so early averages follow the weights instead of keeping the random initialisation for
+    thousands of steps. `num_averaged` stays a tensor (no host sync); integer buffers are copied."""
+    weight = 1 - ((1 + num_averaged) / (10 + num_averaged)).clamp(max=decay)
+    for average, value in zip(ema, current):
+        if average.is_floating_point():
+            average.lerp_(value, weight.to(average.dtype))
+        else:
+            average.copy_(value)
+
+
+class EMA(EMAWeightAveraging):
+    """An exponential moving average of the weights: Lightning's `EMAWeightAveraging` with timm's
+    warm-up (`ema_warmup_update`) by default. Updated after every optimizer step; validation runs on
+    the averaged weights (swapped in, and back after it); checkpoints hold them as `state_dict` (so
+    `predict`, `test` and `load_from_checkpoint` use them) and the trained weights as
+    `current_model_state`, with the update count in `averaging_state`; `--ckpt_path` resumes both exactly.
+    DDP: every rank averages its own identical copy. Not with fsdp2 (an unsharded copy of the model).
+
+    Args:
+        decay: the decay once warmed up; the average spans about `1 / (1 - decay)` steps.
+        warmup: raise the decay as (1 + n) / (10 + n) over the first updates; False is Lightning's
+            plain EMA (a copy of the weights at the first update, then `decay` from the second).
+        update_every_n_steps, update_starting_at_step, update_starting_at_epoch, device, use_buffers:
+            as in `EMAWeightAveraging`.
+    """
+
+    def __init__(self, decay: float = 0.999, warmup: bool = True, update_every_n_steps: int = 1,
+                 update_starting_at_step: int | None = None, update_starting_at_epoch: int | None = None,
+                 device: str | None = None, use_buffers: bool = True) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
+        super().__init__(device=device, use_buffers=use_buffers, decay=decay, update_every_n_steps=update_every_n_steps,
+                         update_starting_at_step=update_starting_at_step,
+                         update_starting_at_epoch=update_starting_at_epoch)
+        self.decay, self.warmup = decay, warmup
+        if warmup:  # the AveragedModel's arguments (WeightAveraging keeps them): ours replaces the plain EMA
+            self._kwargs.pop("avg_fn")
+            self._kwargs["multi_avg_fn"] = partial(ema_warmup_update, decay=decay)
 
 
 def last_checkpoint(trainer: Trainer) -> tuple[Path, ModelCheckpoint | None]:
@@ -106,6 +150,12 @@ class SaveOnSigterm(Callback):
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
         path, writer = last_checkpoint(trainer)
+        # the raise skipped the batch end of the callbacks after this one (an EMA a task adds through
+        # configure_callbacks comes after the CLI's SaveOnSigterm): averaging ones update for the step first
+        # (at most once per optimizer step), so the checkpoint holds what an uninterrupted run has
+        for callback in trainer.callbacks[trainer.callbacks.index(self) + 1:]:
+            if isinstance(callback, WeightAveraging):
+                callback.on_train_batch_end(trainer, pl_module, None, None, trainer.fit_loop.epoch_loop.batch_idx)
         if writer is not None and writer.save_last:
             # recorded in the checkpoint: resumed, the callback overwrites this file (a last.ckpt it did not
             # write itself would make it write last-v1.ckpt, and the next `--ckpt_path last` take the old one)

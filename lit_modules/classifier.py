@@ -2,9 +2,9 @@
 
 Recipe (DeiT/timm style, sized down): AdamW with weight-decay groups, linear warm-up then cosine
 decay stepped per optimizer step, label-smoothed cross-entropy (soft targets under mixup/cutmix).
-An EMA of the weights is Lightning's `EMAWeightAveraging` callback (`trainer.callbacks` in the
-configs): it swaps the averaged weights in for validation and saves them as the checkpoint's
-`state_dict`, so validation, test and predict from a checkpoint all use them. Logs `train/loss`,
+An EMA of the weights is a callback, `lit_modules.EMA` (Lightning's `EMAWeightAveraging` with timm's
+warm-up; `ema_decay` adds it): it swaps the averaged weights in for validation and saves them as the
+checkpoint's `state_dict`, so validation, test and predict from a checkpoint all use them. Logs `train/loss`,
 `train/acc`, `train/images_per_sec`, `{val,test}/{loss,acc,acc_top5,f1}` and, on rank zero at every validation,
 the attention maps of a fixed validation image (`val/attention`) to loggers that take figures.
 Predict writes `path,label,probability` rows to the datamodule's `predictions_path` (a CSV,
@@ -36,6 +36,7 @@ from hiertrans.optim import WarmupCosineLR
 from hiertrans.pyramid import MultiScaleAttention
 from hiertrans.vit import HierarchialViT
 
+from .callbacks import EMA
 from .task import Task
 from .throughput import StepRate
 
@@ -73,6 +74,9 @@ class ImageClassifier(Task):
         scheduler: called with the optimizer, stepped per optimizer step; default linear warm-up
             over 5% of the run, then cosine decay to 1% of the LR.
         label_smoothing: cross-entropy label smoothing.
+        ema_decay: validate, test, predict and checkpoint an exponential moving average of the weights
+            with this decay: a shortcut for the callback `lit_modules.EMA(decay=ema_decay)` (None: no
+            EMA from the task; an EMA in `trainer.callbacks` still works).
         compile: `torch.compile(net, fullgraph=True)` for training.
         log_attention_every_val: log the attention-map figure of the first validation image (not under
             fsdp2: the maps read block weights outside their gathered forward).
@@ -85,12 +89,15 @@ class ImageClassifier(Task):
         scheduler: LRSchedulerCallable | None = lambda optimizer: WarmupCosineLR(
             optimizer, warmup_fraction=0.05, min_lr_ratio=0.01),
         label_smoothing: float = 0.1,
+        ema_decay: float | None = None,
         compile: bool = False,
         log_attention_every_val: bool = True,
     ) -> None:
         super().__init__(net, optimizer, scheduler, compile)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) or None (no EMA), got {ema_decay!r}")
         self.save_plain_hyperparameters()
         self.num_classes = num_classes = num_classes_of(net)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -109,6 +116,14 @@ class ImageClassifier(Task):
         """The network used for validation, test and predict: `net` (an EMA callback swaps its averaged
         weights into `net` for validation, and checkpoints hold them)."""
         return self.net
+
+    def configure_callbacks(self) -> list[Callback]:
+        """`[EMA(decay=ema_decay)]` when `ema_decay` is set, for fit (it then replaces an EMA in
+        `trainer.callbacks`); outside fit the checkpoint already holds the averaged weights."""
+        state = getattr(self._trainer, "state", None)
+        if self.hparams.ema_decay is None or (state is not None and state.fn != "fit"):
+            return []
+        return [EMA(decay=self.hparams.ema_decay)]
 
     # --- setup and checks -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:

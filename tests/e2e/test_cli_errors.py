@@ -236,11 +236,12 @@ def test_checkpoint_paths_that_are_no_checkpoint(tmp_path):
         read_checkpoint(tmp_path)
 
 
-def test_ema_with_fsdp2_is_refused_before_any_process_starts(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("ema", ["--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging",
+                                 "--model.init_args.ema_decay=0.99"])
+def test_ema_with_fsdp2_is_refused_before_any_process_starts(ema, tmp_path, monkeypatch, capsys):
     err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "vit.yaml", "--trainer.strategy=fsdp2",
-               "--trainer.devices=2", "--trainer.accelerator=cpu",
-               "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging")
-    assert "EMAWeightAveraging (EMA) does not support sharded models" in err and "ddp" in err
+               "--trainer.devices=2", "--trainer.accelerator=cpu", ema)
+    assert "(EMA) does not support sharded models" in err and "ddp" in err
 
 
 # --- data that is not usable ------------------------------------------------------------------------

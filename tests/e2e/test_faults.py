@@ -1,6 +1,6 @@
 """Faults lose nothing: a run killed (SIGTERM or SIGKILL) and restarted with `--ckpt_path last` ends
-with the weights of a run that was never interrupted, data order included (the random crops resume
-mid-epoch, they do not restart); a non-finite loss stops training before it touches the weights or a
+with the weights (and EMA) of a run that was never interrupted, data order included (the random crops
+resume mid-epoch, they do not restart); a non-finite loss stops training before it touches the weights or a
 checkpoint; checkpoints load with `weights_only=True`.
 
 The three CLI runs of each round (reference, SIGTERM, SIGKILL) run concurrently to save wall time.
@@ -21,7 +21,7 @@ import torch
 from conftest import ROOT
 from helpers import TINY_LM_ARGS
 
-TESTS = Path(__file__).resolve().parents[1]  # helpers.py, for the subprocesses
+HERE = Path(__file__).resolve().parent  # test_faults (callbacks by class path) and helpers.py, for subprocesses
 STEPS, EVERY, PAUSE_AT = 12, 3, 5  # 4 batches per epoch: the periodic checkpoint at step 3 is mid-epoch
 
 ARGS = [*TINY_LM_ARGS, "--data.init_args.batch_size=4", "--data.init_args.path=corpus.txt",
@@ -61,7 +61,9 @@ class SigtermSelfAt(pl.Callback):
 def callbacks_yaml(extra: str = "") -> str:
     checkpoint = f"{{every_n_train_steps: {EVERY}, save_last: true, save_top_k: -1, filename: '{{step}}'}}"
     lines = ["trainer:", "  callbacks:", "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint",
-             f"      init_args: {checkpoint}"]
+             f"      init_args: {checkpoint}",
+             "    - class_path: lit_modules.EMA",  # the LM's EMA resumes too
+             "      init_args: {decay: 0.9}"]
     if extra == "pause":
         lines += ["    - class_path: test_faults.PauseAt", f"      init_args: {{step: {PAUSE_AT}, marker: paused}}"]
     elif extra == "sigterm":
@@ -78,7 +80,7 @@ def prepare(d: Path) -> Path:
 
 def start(cwd: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-m", "hiertrans", "fit", "--config", "lm.yaml", *args], cwd=cwd,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -147,10 +149,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(runs, name):
     reference, resumed = last_ckpt(runs["reference"]), last_ckpt(runs[name])
     assert reference["global_step"] == resumed["global_step"] == STEPS
-    reference, resumed = reference["state_dict"], resumed["state_dict"]
-    assert reference.keys() == resumed.keys()
-    for key in reference:
-        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0, msg=key)
+    # the EMA callback saves the averaged weights as state_dict, the trained ones and the count beside them
+    for part in ("state_dict", "current_model_state", "averaging_state"):
+        assert reference[part].keys() == resumed[part].keys()
+        for key in reference[part]:
+            torch.testing.assert_close(resumed[part][key], reference[part][key], rtol=0, atol=0, msg=f"{part}: {key}")
+    assert not torch.equal(reference["state_dict"]["net.token_emb.weight"],
+                           reference["current_model_state"]["net.token_emb.weight"])
     # the resumed run logs into the interrupted run's directory, not a new version_1
     assert [p.name for p in (runs[name] / "runs/lm").iterdir()] == ["version_0"]
 

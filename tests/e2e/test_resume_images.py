@@ -1,6 +1,6 @@
 """The image task resumes exactly: 5 steps, an interruption (a clean stop, SIGTERM, SIGKILL), then a resume
 to step 9 ends with the weights, EMA and optimizer state of 9 uninterrupted steps, bit for bit, with
-per-image augmentation (crops, flips, RandAugment, erasing), mixup/cutmix, drop-path, an EMA callback
+per-image augmentation (crops, flips, RandAugment, erasing), mixup/cutmix, drop-path, an EMA (`ema_decay`)
 and two loader workers (which worker decodes which batch changes with the resume).
 
 Every run is `hiertrans.cli.main` in this process (no imports to pay) except the SIGKILL one, which is
@@ -21,6 +21,7 @@ STEPS, STOP = 9, 5
 VIT_TINY = [f"--model.init_args.net.init_args.{k}" for k in (
     "embed_dims=[16,16,32,32]", "num_heads=[1,1,2,2]", "depths=[1,1,1,1]", "mlp_ratios=[2,2,2,2]")]
 ARGS = [*VIT_TINY, "--model.init_args.net.init_args.drop_path_rate=0.2",  # random inside the network too
+        "--model.init_args.ema_decay=0.9",  # lit_modules.EMA (warm-up), added by the task after SaveOnSigterm
         "--model.init_args.log_attention_every_val=false",
         f"--model.init_args.scheduler.init_args.total_steps={STEPS}",  # the same schedule whatever max_steps is
         "--data.init_args.num_workers=2", "--data.init_args.batch_size=16", "--data.init_args.random_resized_crop=true",
@@ -34,8 +35,6 @@ def callbacks_yaml(extra: str = "") -> str:
     lines = ["trainer:", "  callbacks:",
              "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint",
              "      init_args: {every_n_train_steps: 1, save_last: true, save_top_k: 0}",  # last.ckpt every step
-             "    - class_path: lightning.pytorch.callbacks.EMAWeightAveraging",
-             "      init_args: {decay: 0.9}",
              "    - class_path: lit_modules.ValidateAtEnd"]
     if extra == "pause":  # waits at the start of step STOP + 1, after the checkpoint of step STOP
         lines += ["    - class_path: test_faults.PauseAt", f"      init_args: {{step: {STOP}, marker: paused}}"]

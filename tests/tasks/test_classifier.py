@@ -15,6 +15,7 @@ from datamodules.images import ImageDataModule
 from hiertrans.optim import WarmupCosineLR
 from hiertrans.optim import param_groups as weight_decay_groups
 from hiertrans.vit import create_model, timm_model
+from lit_modules.callbacks import EMA, ema_warmup_update
 from lit_modules.classifier import ImageClassifier
 
 TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 1, 1])
@@ -113,6 +114,19 @@ class RecordHead(Callback):
             self.validated.append(module.net.head.weight.detach().clone())
 
 
+def test_ema_warms_up_like_timm_and_ema_decay_adds_the_callback():
+    ema, param = [torch.zeros(3), torch.zeros(2, dtype=torch.long)], [torch.ones(3), torch.ones(2, dtype=torch.long)]
+    ema_warmup_update(ema, param, torch.tensor(0), decay=0.999)  # n = 0: decay min(0.999, 1/10)
+    assert torch.allclose(ema[0], torch.full((3,), 0.9)) and ema[1].tolist() == [1, 1]  # integers: copied
+    ema_warmup_update(ema, param, torch.tensor(10_000), decay=0.5)
+    assert torch.allclose(ema[0], torch.full((3,), 0.95))
+    (callback,) = tiny(ema_decay=0.99).configure_callbacks()
+    assert isinstance(callback, EMAWeightAveraging) and callback.decay == 0.99
+    assert tiny().configure_callbacks() == []
+    with pytest.raises(ValueError, match="EMA decay must be in"):
+        EMA(decay=1.0)
+
+
 def test_fit_with_ema_callback_schedule_and_metrics(tmp_path):
     """Lightning's EMAWeightAveraging: updated after every optimizer step (a copy at the first, then
     `0.9 * ema + 0.1 * weights`: no warm-up), swapped in for validation, saved as the checkpoint's
@@ -174,6 +188,8 @@ def test_num_classes_must_match_the_data(tmp_path):
 
 
 def test_bad_hyperparameters_and_networks():
+    with pytest.raises(ValueError, match="ema_decay"):
+        tiny(ema_decay=1.5)
     with pytest.raises(TypeError, match="net must be a torch.nn.Module"):
         ImageClassifier("hvit_cifar")
     with pytest.raises(ValueError, match="num_classes >= 2"):
@@ -255,8 +271,8 @@ def test_cifar10_config_builds_model_and_data(tmp_path):
     cli = LightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True,
                        subclass_mode_data=True, auto_configure_optimizers=False, run=False, args=args)
     assert isinstance(cli.model, ImageClassifier) and cli.model.hparams.net["init_args"]["name"] == "hvit_cifar"
-    (ema,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, EMAWeightAveraging)]
-    assert ema.should_update(step_idx=0) and cli.datamodule.num_classes == 10
+    (ema,) = cli.model.configure_callbacks()  # ema_decay: 0.9998 -> the EMA callback, with warm-up
+    assert isinstance(ema, EMA) and ema.decay == 0.9998 and ema.warmup and cli.datamodule.num_classes == 10
     cli.datamodule.setup("fit")
     x, y = next(iter(cli.datamodule.train_dataloader()))
     assert x.shape == (10, 3, 32, 32) and y.shape == (10, 10)  # one image per class held out; mixup on
