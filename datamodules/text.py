@@ -204,6 +204,14 @@ class ByteTextDataModule(LightningDataModule):
     Train: `train_samples_per_epoch` random crops per epoch (in total, over all ranks), different
     every epoch and reproducible from (seed, epoch). Val/test: their whole split once, in order, in
     windows padded with `pad_id` at the very end. Predict: the UTF-8 bytes of `prompt`, batch size 1.
+
+    The predict-time sampling options live here, not in the model: `predict_length` bytes are sampled
+    after the prompt at `predict_temperature` (0: greedy) among the `predict_top_k` likeliest bytes
+    (None: all), then within the nucleus `predict_top_p` (None: no nucleus); `predict_options` hands
+    them to the task. Given on the command line (`--data.init_args.predict_temperature 0`), they hold
+    for a checkpoint whose saved model hyperparameters (which LightningCLI re-applies over the
+    model's) say otherwise. (Prefixed: Lightning refuses a data hyperparameter named like a
+    different-valued one of the model, such as the validation sample's `temperature`.)
     See the module docstring for what `path` may be; `text_column` names the column of a Hugging
     Face data set that holds the text. `data` is the whole corpus, `(num_bytes,)` uint8, read-only.
     """
@@ -223,6 +231,10 @@ class ByteTextDataModule(LightningDataModule):
         prompt: str = "def ",
         pad_id: int = -1,
         text_column: str = "text",
+        predict_length: int = 256,
+        predict_temperature: float = 0.8,
+        predict_top_k: int | None = 25,
+        predict_top_p: float | None = None,
     ):
         super().__init__()
         if seq_len < 1:
@@ -244,11 +256,22 @@ class ByteTextDataModule(LightningDataModule):
             raise ValueError("prompt must be a non-empty string (generation needs at least one byte)")
         if not isinstance(text_column, str) or not text_column:
             raise ValueError(f"text_column must be a non-empty column name, got {text_column!r}")
+        if not isinstance(predict_length, int) or isinstance(predict_length, bool) or predict_length < 0:
+            raise ValueError(f"predict_length must be an int >= 0 (bytes sampled after the prompt), got "
+                             f"{predict_length!r}")
+        temperature, top_k, top_p = predict_temperature, predict_top_k, predict_top_p
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
+            raise ValueError(f"predict_temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+            raise ValueError(f"predict_top_k must be None (all bytes) or an int >= 1, got {top_k!r}")
+        if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise ValueError(f"predict_top_p must be None (no nucleus) or in (0, 1], got {top_p!r}")
         self.save_hyperparameters()
         self.path, self.seq_len, self.batch_size = path, seq_len, batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.train_samples_per_epoch, self.num_workers, self.seed = train_samples_per_epoch, num_workers, seed
         self.prompt, self.pad_id, self.text_column = prompt, pad_id, text_column
+        self.predict_length, self.temperature, self.top_k, self.top_p = predict_length, temperature, top_k, top_p
         self.data: Tensor | None = None
         self.train_bytes = self.val_bytes = self.test_bytes = 0
 
@@ -329,3 +352,8 @@ class ByteTextDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader([self.encode(self.prompt)], batch_size=1)
+
+    @property
+    def predict_options(self) -> dict:
+        """What predict samples after each prompt: `{"length", "temperature", "top_k", "top_p"}` (see the class)."""
+        return dict(length=self.predict_length, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)

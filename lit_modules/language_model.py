@@ -5,7 +5,6 @@ import math
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -28,7 +27,18 @@ class LanguageModel(Task):
     `net.aux_loss_weights` (`{"recon": 0.1, ...}`) and returns `(logits, {name: loss})` from
     `net(ids, return_aux_losses=True)`; the task adds `weight * loss` to the cross-entropy and logs
     each as `train/<name>`. Logs `train/loss|ce|bpb`, `train/tokens_per_sec`, `val/loss`, `val/bpb`
-    (bits per byte over the whole validation split, exactly) and a text sample at each validation.
+    (bits per byte over the whole validation split, exactly) and a text sample at each validation
+    (from the weights validation uses: the averaged ones under an EMA callback).
+
+    Sampling is seeded, not drawn from the global RNG: validation samples with the step number as
+    seed, predict with the run's seed plus the prompt's index, so validating never changes what
+    training draws and `generate(prompt, n, seed, **options)` reproduces a prediction.
+
+    `sample_length`, `temperature` and `filter_thres` are the validation sample's settings (part of
+    the training run, saved with it). Predict takes its settings from the datamodule's
+    `predict_options` (`ByteTextDataModule`'s `predict_length`, `predict_temperature`, ...):
+    predict-time options, which a checkpoint's saved hyperparameters cannot override; these
+    settings only stand in for a datamodule without them.
     """
 
     def __init__(
@@ -98,38 +108,59 @@ class LanguageModel(Task):
         self.log(f"{split}/bpb", bpb, prog_bar=True)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        if batch_idx == 0 and not self.trainer.sanity_checking:
+            self._log_sample()  # here, not at the epoch end: an EMA callback has swapped its weights in
         self._eval_step(batch, "val", self.val_bpb)
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         self._eval_step(batch, "test", self.test_bpb)
 
     def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._log_sample()
         self.step_rate.reset()
 
-    @rank_zero_only
     def _log_sample(self) -> None:
-        experiment = getattr(self.logger, "experiment", None)
-        if not hasattr(experiment, "add_text") or not hasattr(self.net, "generate"):
+        experiment = getattr(self.logger, "experiment", None) if self.trainer.is_global_zero else None
+        if not hasattr(self.net, "generate") or (self.device_mesh is None and not hasattr(experiment, "add_text")):
             return
+        # a sharded network's forward is collective: then every rank samples (the same text: same seed)
         prompt = getattr(self.trainer.datamodule, "prompt", None) or "\n"
-        text = prompt + self.generate(prompt, self.hparams.sample_length)
-        # TensorBoard renders text as markdown: a code block keeps whitespace
-        experiment.add_text("val/sample", "```\n" + text.replace("```", "'''") + "\n```", self.global_step)
+        text = prompt + self.generate(prompt, self.hparams.sample_length, seed=self.global_step)
+        if hasattr(experiment, "add_text"):  # TensorBoard renders markdown: a code block keeps whitespace
+            experiment.add_text("val/sample", "```\n" + text.replace("```", "'''") + "\n```", self.global_step)
 
-    def generate(self, prompt: str, length: int) -> str:
-        """Continue `prompt` by `length` bytes, decoded as UTF-8."""
+    def generate(self, prompt: str, length: int, seed: int | None = None, *, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None) -> str:
+        """Continue `prompt` by `length` bytes, decoded as UTF-8. With `seed`, the sampling noise is drawn
+        after `torch.manual_seed(seed)` and the global RNG is restored afterwards; without, from the global RNG.
+
+        Without `temperature`: the validation sample's settings (the task's `temperature` and
+        `filter_thres`). With it: `temperature` (0: greedy) among the `top_k` likeliest bytes (None:
+        all), then the nucleus `top_p` (None: none), as `net.generate` / `hiertrans.lm.sample`."""
         ids = torch.tensor(list(prompt.encode("utf-8")), dtype=torch.long, device=self.device)
         if ids.numel() > self.net.seq_len:
             raise ValueError(f"prompt of {ids.numel()} bytes is longer than seq_len={self.net.seq_len}")
         if ids.numel() == 0:
             ids = torch.tensor([ord("\n")], device=self.device)
-        out = self.net.generate(ids, length, self.hparams.temperature, self.hparams.filter_thres)
+        accelerator = [self.device] if self.device.type != "cpu" else []
+        with torch.random.fork_rng(accelerator, enabled=seed is not None, device_type=self.device.type):
+            if seed is not None:
+                torch.manual_seed(seed)
+            if temperature is None:
+                out = self.net.generate(ids, length, self.hparams.temperature, self.hparams.filter_thres)
+            else:  # top_k None keeps every byte: filter_thres 0
+                out = self.net.generate(ids, length, temperature, 0.0, top_p, top_k=top_k)
         return bytes(out.tolist()).decode("utf-8", errors="replace")
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> str:
+        """Print and return the prompt with its continuation, sampled with the datamodule's
+        `predict_options` (`{"length", "temperature", "top_k", "top_p"}`; without: `sample_length`
+        bytes at the validation sample's settings) and seed `torch.initial_seed() + batch_idx` (the
+        run's `seed_everything` value plus the prompt's index): `generate(prompt, length, seed,
+        temperature=..., top_k=..., top_p=...)` gives the same text."""
         prompt = bytes(batch[0].tolist()).decode("utf-8", errors="replace")
-        text = prompt + self.generate(prompt, self.hparams.sample_length)
+        seed = (torch.initial_seed() + batch_idx) % (1 << 63)
+        options = dict(getattr(self.trainer.datamodule, "predict_options", None) or {})
+        length = options.pop("length", self.hparams.sample_length)
+        text = prompt + self.generate(prompt, length, seed=seed, **options)
         self.print(text)
         return text

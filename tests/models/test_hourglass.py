@@ -157,5 +157,5 @@ def test_cli_fit_and_predict_through_lm_hourglass_yaml(run_cli, tmp_path):
     assert scalars["train/loss"][-1] < scalars["train/loss"][0]
     (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
     proc = run_cli("predict", "--config", "lm_hourglass.yaml", f"--ckpt_path={ckpt}",
-                   "--data.init_args.prompt=import json", "--model.init_args.sample_length=12")
+                   "--data.init_args.prompt=import json", "--data.init_args.predict_length=12")
     assert "import json" in proc.stdout

@@ -162,7 +162,7 @@ def test_cli_predict_generates_from_prompt(run_cli, tmp_path):
             "--model.init_args.sample_length=4", f"--data.init_args.path={data}", *small)
     (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
     proc = run_cli("predict", "--config", "lm.yaml", f"--ckpt_path={ckpt}", f"--data.init_args.path={data}", *small,
-                   "--data.init_args.prompt=import json", "--model.init_args.sample_length=12")
+                   "--data.init_args.prompt=import json", "--data.init_args.predict_length=12")
     assert "import json" in proc.stdout
 
 
