@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .hub import HubMixin
 from .layers import (
     BlockCache,
     CausalBlock,
@@ -127,19 +128,20 @@ class HourglassLevel(nn.Module):
     """
 
     def __init__(self, dim: int, depths: Sequence[int], factors: Sequence[int], heads: int, dim_head: int,
-                 ff_mult: float, downsample: str, upsample: str):
+                 ff_mult: float, downsample: str, upsample: str, dropout: float = 0.0):
         super().__init__()
         self.factor = k = factors[0]
 
         def blocks(count: int) -> nn.ModuleList:
-            return nn.ModuleList([CausalBlock(dim, heads, dim_head, ff_mult) for _ in range(count)])
+            return nn.ModuleList([CausalBlock(dim, heads, dim_head, ff_mult, dropout=dropout) for _ in range(count)])
 
         self.pool = nn.Linear(k * dim, dim) if downsample == "linear" else None
         self.pre = blocks(depths[0])
         self.inner = None
         self.post = blocks(0)
         if len(depths) > 1:
-            self.inner = HourglassLevel(dim, depths[1:-1], factors[1:], heads, dim_head, ff_mult, downsample, upsample)
+            self.inner = HourglassLevel(dim, depths[1:-1], factors[1:], heads, dim_head, ff_mult, downsample, upsample,
+                                        dropout)
             self.post = blocks(depths[-1])
         self.norm = RMSNorm(dim)
         self.upsample = (LinearUpsample(dim, k) if upsample == "linear"
@@ -191,7 +193,7 @@ class HourglassCache:
     length: int = 0
 
 
-class HourglassTransformer(nn.Module):
+class HourglassTransformer(nn.Module, HubMixin):
     """Hourglass language model (Nawrot et al. 2021): `ids (b, n) -> logits (b, n, num_tokens)`.
 
     The hierarchy is `depths` and `shorten_factors`: `depths` lists the layers from the outside
@@ -208,7 +210,8 @@ class HourglassTransformer(nn.Module):
     sliding window over that many positions (the shortened layers attend to all of theirs).
     `downsample`: `linear` (a linear map of the k pooled inputs, the paper's best) or `average`.
     `upsample`: `linear` (a linear map to k positions per token, the paper's choice for text) or
-    `attention` (then attention to the shortened tokens and a feed-forward). Lengths need not be
+    `attention` (then attention to the shortened tokens and a feed-forward). `dropout`: on the
+    embeddings and on every layer's sublayer outputs, in training only. Lengths need not be
     multiples of the factors. Strictly causal: logits at t depend on `ids[:, :t + 1]` only.
 
     `forward(ids, return_loss=True)`: `ids (b, n + 1)`, or `ids (b, n)` with `labels (b, n)`;
@@ -233,6 +236,7 @@ class HourglassTransformer(nn.Module):
         downsample: Literal["linear", "average"] = "linear",
         upsample: Literal["linear", "attention"] = "linear",
         ignore_index: int = -1,
+        dropout: float = 0.0,
     ):
         super().__init__()
         for name, value in (("num_tokens", num_tokens), ("dim", dim), ("seq_len", seq_len), ("heads", heads),
@@ -255,6 +259,8 @@ class HourglassTransformer(nn.Module):
         if window_size is not None and (not isinstance(window_size, int) or isinstance(window_size, bool)
                                         or window_size < 1):
             raise ValueError(f"window_size must be None (full attention) or a positive int, got {window_size!r}")
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         if downsample not in DOWNSAMPLING:
             raise ValueError(f"downsample must be one of {DOWNSAMPLING}, got {downsample!r}")
         if upsample not in UPSAMPLING:
@@ -263,9 +269,16 @@ class HourglassTransformer(nn.Module):
         self.depths, self.shorten_factors = depths, factors
 
         self.token_emb = nn.Embedding(num_tokens, dim)
-        self.pre = nn.ModuleList([CausalBlock(dim, heads, dim_head, ff_mult, window_size) for _ in range(depths[0])])
-        self.level = HourglassLevel(dim, depths[1:-1], factors, heads, dim_head, ff_mult, downsample, upsample)
-        self.post = nn.ModuleList([CausalBlock(dim, heads, dim_head, ff_mult, window_size) for _ in range(depths[-1])])
+        self.emb_drop = nn.Dropout(dropout)
+
+        def blocks(count: int) -> nn.ModuleList:
+            return nn.ModuleList([CausalBlock(dim, heads, dim_head, ff_mult, window_size, dropout=dropout)
+                                  for _ in range(count)])
+
+        self.pre = blocks(depths[0])
+        self.level = HourglassLevel(dim, depths[1:-1], factors, heads, dim_head, ff_mult, downsample, upsample,
+                                    dropout)
+        self.post = blocks(depths[-1])
         self.norm = RMSNorm(dim)
         self.to_logits = nn.Linear(dim, num_tokens, bias=False)
 
@@ -274,7 +287,7 @@ class HourglassTransformer(nn.Module):
         if return_loss:
             ids, labels = next_token_targets(ids, labels)
         check_token_ids(ids, self.num_tokens, self.seq_len)
-        x = self.token_emb(ids)
+        x = self.emb_drop(self.token_emb(ids))
         for block in self.pre:
             x = block(x)
         x = self.level(x)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .hub import HubMixin
 from .layers import BlockCache, CausalBlock, RMSNorm, check_token_ids
 
 IntOrTuple = int | Sequence[int]
@@ -373,7 +374,7 @@ def cosine_sim_loss(x: Tensor, y: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(x, y, dim=-1).mean()
 
 
-class HierarchicalTransformer(nn.Module):
+class HierarchicalTransformer(nn.Module, HubMixin):
     """Hierarchical transformer language model: `ids (b, n) -> logits (b, n, num_tokens)`.
 
     Args mirror simple-hierarchical-transformer. `dim`, `dim_head`, `heads`, `ff_mult`,

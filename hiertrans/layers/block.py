@@ -14,22 +14,23 @@ class CausalBlock(nn.Module):
     Attention is causal with rotary embeddings: full (`window_size=None`), over the last
     `window_size` positions, or left out (`window_size=0`). `token_shift` feeds each sublayer half
     its features from the previous position (simple-hierarchical-transformer's blocks do).
+    `dropout`: on each sublayer's output (and inside the feed-forward), in training only.
 
     Decoding: `forward(x, cache)` with `cache = block.init_cache(capacity)` continues the sequence
     the cache has seen (a whole prompt into an empty cache, then one position per call).
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, ff_mult: float = 4,
-                 window_size: int | None = None, token_shift: bool = False):
+                 window_size: int | None = None, token_shift: bool = False, dropout: float = 0.0):
         super().__init__()
         self.shift = TokenShift() if token_shift else nn.Identity()
         self.attn_norm = self.attn = None
         if window_size != 0:
             self.attn_norm = RMSNorm(dim)
             self.attn = Attention(dim, heads, dim_head, causal=True, window_size=window_size, rotary=True,
-                                  out_bias=False)
+                                  out_bias=False, proj_drop=dropout)
         self.ff_norm = RMSNorm(dim)
-        self.ff = FeedForward(dim, int(dim * ff_mult), bias=False)
+        self.ff = FeedForward(dim, int(dim * ff_mult), bias=False, dropout=dropout)
 
     def forward(self, x: Tensor, cache: BlockCache | None = None) -> Tensor:
         if cache is not None:

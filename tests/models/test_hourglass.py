@@ -85,11 +85,20 @@ def test_loss_labels_and_protocol():
         (dict(window_size=0), "window_size must be None"),
         (dict(dim_head=7), "dim_head must be even"),
         (dict(dim=0), "dim must be a positive int"),
+        (dict(dropout=1.0), r"dropout must be a probability in \[0, 1\), got 1.0"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny(**kwargs)
+
+
+def test_dropout_in_training_only():
+    model = tiny(dropout=0.3)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(model.train()(ids), model(ids))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids), model(ids), rtol=0, atol=0)
 
 
 def test_paper_notation():
@@ -159,3 +168,13 @@ def test_cli_fit_and_predict_through_lm_hourglass_yaml(run_cli, tmp_path):
     proc = run_cli("predict", "--config", "lm_hourglass.yaml", f"--ckpt_path={ckpt}",
                    "--data.init_args.prompt=import json", "--data.init_args.predict_length=12")
     assert "import json" in proc.stdout
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    """Hugging Face-style weights (`hiertrans.hub.HubMixin`): the same outputs from the saved folder."""
+    model = tiny(**HOURGLASS_CASES["two-levels-attention"]).eval()
+    model.save_pretrained(tmp_path)
+    loaded = HourglassTransformer.from_pretrained(tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(ids), model(ids)) and not loaded.training
+    assert loaded.depths == model.depths and loaded.shorten_factors == model.shorten_factors

@@ -273,3 +273,14 @@ def test_loss_falls_on_real_text():
         losses.append(ce.item())
     assert losses[0] > 4.5  # ~ln(256) at initialisation
     assert sum(losses[-5:]) / 5 < 3.3
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    """Hugging Face-style weights (`hiertrans.hub.HubMixin`): the same outputs, and the same cached decoding."""
+    model = tiny(hierarchies=(1, 2, 4), window_sizes=(4, None, None), hierarchical_stride=(1, 2, 2)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = HierarchicalTransformer.from_pretrained(tmp_path)
+    ids = torch.randint(0, 40, (2, 13), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(ids), model(ids)) and not loaded.training
+    assert loaded.strides == model.strides and loaded.hierarchies == model.hierarchies
+    assert torch.equal(loaded.generate(ids[:, :3], 6, temperature=0.0), model.generate(ids[:, :3], 6, temperature=0.0))

@@ -137,3 +137,12 @@ def test_parameter_count_matches_lm_yaml_at_depth_12():
         flat = Transformer(**shared, depth=12)
     assert count(hierarchical) == 2_316_032
     assert count(flat) == 2_428_032
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    """Hugging Face-style weights (`hiertrans.hub.HubMixin`): the same outputs from the saved folder."""
+    model = tiny(window_size=5, token_shift=True).eval()
+    model.save_pretrained(tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path)
+    ids = torch.randint(0, model.num_tokens, (2, 11), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(ids), model(ids)) and not loaded.training
