@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, ThroughputMonitor, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -91,6 +91,35 @@ class EMA(EMAWeightAveraging):
         if warmup:  # the AveragedModel's arguments (WeightAveraging keeps them): ours replaces the plain EMA
             self._kwargs.pop("avg_fn")
             self._kwargs["multi_avg_fn"] = partial(ema_warmup_update, decay=decay)
+
+
+def batch_samples(batch: Any) -> int:
+    """Samples in a batch: the images of `(images, targets, ...)`, the windows of a `(b, n + 1)` token batch."""
+    return int((batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0])
+
+
+def batch_items(batch: Any) -> int:
+    """What a task processes per sample, summed: the tokens predicted from a `(b, n + 1)` token batch
+    (`b * n`), else the samples (images)."""
+    if isinstance(batch, torch.Tensor) and batch.ndim == 2:
+        return int(batch.shape[0] * (batch.shape[1] - 1))
+    return batch_samples(batch)
+
+
+class Throughput(ThroughputMonitor):
+    """Lightning's `ThroughputMonitor` for both tasks, over the last `window_size` steps (training time
+    only: validation is taken out), logged every `log_every_n_steps` once the window is full. Per
+    process: `train/device/samples_per_sec` (images, or text windows), `train/device/items_per_sec`
+    (images, or tokens), `train/device/batches_per_sec`, `train/device/flops_per_sec` from the task's
+    `flops_per_batch` (`Task.setup` counts it) and, on GPUs Lightning knows, `train/device/mfu`; with
+    several processes also the totals (`train/samples_per_sec`, `items_per_sec`, `flops_per_sec`).
+    The same under `validate/` for validation."""
+
+    def __init__(self, window_size: int = 10) -> None:
+        if not isinstance(window_size, int) or window_size < 2:
+            raise ValueError(f"window_size must be an int >= 2, got {window_size!r}")
+        super().__init__(batch_size_fn=batch_samples, length_fn=batch_items, window_size=window_size)
+        self.window_size = window_size
 
 
 def last_checkpoint(trainer: Trainer) -> tuple[Path, ModelCheckpoint | None]:

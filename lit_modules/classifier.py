@@ -5,7 +5,8 @@ decay stepped per optimizer step, label-smoothed cross-entropy (soft targets und
 An EMA of the weights is a callback, `lit_modules.EMA` (Lightning's `EMAWeightAveraging` with timm's
 warm-up; `ema_decay` adds it): it swaps the averaged weights in for validation and saves them as the
 checkpoint's `state_dict`, so validation, test and predict from a checkpoint all use them. Logs `train/loss`,
-`train/acc`, `train/images_per_sec`, `{val,test}/{loss,acc,acc_top5,f1}` and, on rank zero at every validation,
+`train/acc`, `{val,test}/{loss,acc,acc_top5,f1}` (images/s and FLOPs/s come from the
+`lit_modules.Throughput` callback in the configs) and, on rank zero at every validation,
 the attention maps of a fixed validation image (`val/attention`) to loggers that take figures.
 Predict writes `path,label,probability` rows to the datamodule's `predictions_path` (a CSV,
 written atomically; it is a data setting because LightningCLI restores the model's own
@@ -38,7 +39,6 @@ from hiertrans.vit import HierarchialViT
 
 from .callbacks import EMA
 from .task import Task
-from .throughput import StepRate
 
 
 def num_classes_of(net: nn.Module) -> int:
@@ -105,7 +105,6 @@ class ImageClassifier(Task):
         self.test_metrics = split_metrics("test", num_classes)
         self.class_names: list[str] | None = None
         self._fixed_image: Tensor | None = None
-        self.step_rate = StepRate()
         self._predictions: list[tuple[list[str], Tensor, Tensor]] = []
 
     # --- forward --------------------------------------------------------------------------------
@@ -161,14 +160,8 @@ class ImageClassifier(Task):
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
 
     # --- loops ----------------------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        self.step_rate.reset()  # the gap across validation/epoch boundaries is not throughput
-
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets = batch
-        rate = self.step_rate(images.shape[0] * self.trainer.world_size)
-        if rate is not None:
-            self.log("train/images_per_sec", rate, on_step=True, on_epoch=False, rank_zero_only=True)
         logits = self(images)
         loss = self.loss(logits, targets)
         self.train_acc(logits.detach(), targets.argmax(-1) if targets.ndim == 2 else targets)

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import WeightAveraging
-from torch import nn
+from lightning.pytorch.callbacks import ThroughputMonitor, WeightAveraging
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
 
 from hiertrans import cpu_kernels
 from hiertrans.optim import WarmupCosineLR, no_weight_decay_names, param_groups
@@ -45,6 +46,20 @@ def is_plain(value: Any) -> bool:
     return isinstance(value, PLAIN)
 
 
+def count_flops(net: nn.Module, inputs: Tensor) -> int:
+    """FLOPs of `net`'s forward and backward on `inputs`, counted by torch's `FlopCounterMode` with meta
+    tensors in place of the parameters and buffers (`torch.func.functional_call`): no memory, no compute,
+    the network untouched. The backward starts from the sum of the output (the loss is not counted)."""
+    from lightning.fabric.utilities.throughput import measure_flops
+    from torch.func import functional_call
+
+    state = {name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
+             for name, t in [*net.named_parameters(), *net.named_buffers()]}
+    inputs = inputs.to("meta")
+    return measure_flops(net, lambda: functional_call(net, state, (inputs,), strict=True),
+                         lambda out: (out[0] if isinstance(out, tuple) else out).sum())
+
+
 class Task(LightningModule):
     """A training task around `net`: weight-decay groups (decided on the unwrapped network, before any
     sharding wrap), the optimizer and schedule callables, optional `torch.compile(fullgraph=True)`,
@@ -55,6 +70,10 @@ class Task(LightningModule):
     `net.no_weight_decay()` names (position embeddings, class token). A `WarmupCosineLR` built
     without `total_steps` runs for the trainer's `estimated_stepping_batches`; schedules step once
     per optimizer step.
+
+    Under a `ThroughputMonitor` (`lit_modules.Throughput`), `flops_per_batch` is set when fit starts:
+    the network's forward and backward on one training batch's input (`example_input`), counted on
+    meta tensors (`count_flops`), so the monitor logs FLOPs/s and, on GPUs it knows, MFU.
 
     Randomness inside the network (dropout, drop-path) is drawn from the global RNG seeded at every
     training step with (the run's seed, step, rank): a run resumed from a checkpoint draws what the
@@ -68,6 +87,7 @@ class Task(LightningModule):
         self.net = cpu_kernels.apply(net) if cpu_kernels.requested() else net
         self.optimizer, self.scheduler, self.compile_net = optimizer, scheduler, compile
         self.no_decay = no_weight_decay_names(net)  # now: an FSDP wrap would hide the shapes
+        self.flops_per_batch: int | None = None  # read by ThroughputMonitor at every step
 
     def save_plain_hyperparameters(self) -> None:
         """`save_hyperparameters()` keeping plain data only. Under LightningCLI the hyperparameters are
@@ -103,8 +123,31 @@ class Task(LightningModule):
         shard_blocks(self.net, mesh["data_parallel"])
         self._sharded = True
 
+    def example_input(self) -> Tensor | None:
+        """A meta tensor shaped like one training batch's input to `net`, from what the datamodule
+        describes (docs/architecture.md): images `(batch_size, in_chans, img_size, img_size)`, token ids
+        `(batch_size, seq_len)`; None when it describes neither."""
+        data = getattr(self.trainer, "datamodule", None)
+        batch = getattr(data, "batch_size", None)
+        size, chans, seq_len = (getattr(data, k, None) for k in ("img_size", "in_chans", "seq_len"))
+        if not isinstance(batch, int):
+            return None
+        if isinstance(size, int) and isinstance(chans, int):
+            return torch.empty(batch, chans, size, size, device="meta")
+        if isinstance(seq_len, int):
+            return torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+        return None
+
     def setup(self, stage: str) -> None:
         self.run_seed = torch.initial_seed()  # seed_everything's value in a seeded run
+        if (stage == "fit" and self.flops_per_batch is None
+                and any(isinstance(cb, ThroughputMonitor) for cb in self.trainer.callbacks)):
+            inputs = self.example_input()  # here: before any sharding or compilation
+            try:
+                self.flops_per_batch = None if inputs is None else count_flops(self.net, inputs)
+            except (RuntimeError, NotImplementedError, TypeError) as exc:  # an op without a meta kernel
+                rank_zero_warn(f"could not count {type(self.net).__name__}'s FLOPs on the meta device ({exc}); "
+                               f"the throughput monitor logs no FLOPs/s")
         if self.compile_net and stage == "fit" and not getattr(self, "_compiled", False):
             self.net.compile(fullgraph=True)  # in place: parameter names (and checkpoints) unchanged
             self._compiled = True

@@ -79,3 +79,25 @@ def test_bad_exports_end_in_one_line(checkpoint, tmp_path):
         code, err = cli(tmp_path, "export", *args)
         assert code == 2 and "hiertrans: error:" in err and expected in err and "Traceback" not in err, (args, err)
         assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_export_of_the_language_model(tmp_path):
+    import inspect
+    import json
+
+    from helpers import TINY_LM_ARGS
+
+    from hiertrans import HierarchicalTransformer
+
+    (tmp_path / "corpus.txt").write_text(inspect.getsource(json))
+    code, err = cli(tmp_path, "fit", "--config", "lm.yaml", *TINY_LM_ARGS, "--data.init_args.path=corpus.txt",
+                    "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false")
+    assert code == 0, err
+    checkpoint = tmp_path / "runs/lm/version_0/checkpoints/last.ckpt"
+    code, err = cli(tmp_path, "export", "--config", "lm.yaml", "--ckpt_path", str(checkpoint), "--out", "lm")
+    assert code == 0, err
+    net = HierarchicalTransformer.from_pretrained(tmp_path / "lm")
+    weights = torch.load(checkpoint, weights_only=True)["state_dict"]
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(value, weights[f"net.{name}"], rtol=0, atol=0, msg=name)

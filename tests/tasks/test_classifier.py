@@ -226,7 +226,8 @@ def test_cli_fit_logs_scalars_figure_checkpoint_then_predicts(run_cli, tmp_path,
             "--trainer.enable_progress_bar=false")
     log_dir = tmp_path / "runs" / "vit" / "version_0"
     scalars = read_scalars(log_dir)
-    assert {"train/loss", "val/acc", "val/acc_top5", "val/f1", "train/images_per_sec"} <= scalars.keys()
+    assert {"train/loss", "val/acc", "val/acc_top5", "val/f1", "train/device/items_per_sec",
+            "train/device/flops_per_sec"} <= scalars.keys()  # (the last two: lit_modules.Throughput)
     assert any(k.startswith("lr-AdamW") for k in scalars)
     event_file = next(log_dir.glob("events.out.tfevents.*"))
     acc = EventAccumulator(str(event_file), size_guidance={"images": 0})
@@ -276,3 +277,25 @@ def test_cifar10_config_builds_model_and_data(tmp_path):
     cli.datamodule.setup("fit")
     x, y = next(iter(cli.datamodule.train_dataloader()))
     assert x.shape == (10, 3, 32, 32) and y.shape == (10, 10)  # one image per class held out; mixup on
+
+
+def test_throughput_callback_and_flop_count(tmp_path):
+    """`lit_modules.Throughput` makes the task count its network's FLOPs once, on meta tensors: a linear
+    map's forward (2 x batch x in x out) and its weight's backward (the same again); the classifier's
+    count is for a training batch's shape, and the weights are untouched."""
+    from lit_modules import Throughput
+    from lit_modules.callbacks import batch_items, batch_samples
+    from lit_modules.task import count_flops
+
+    linear = nn.Linear(4, 3, bias=False)
+    assert count_flops(linear, torch.zeros(5, 4)) == 2 * (2 * 5 * 4 * 3) and linear.weight.grad is None
+    assert batch_samples((torch.zeros(6, 3, 8, 8), torch.zeros(6))) == batch_items((torch.zeros(6, 3, 8, 8),)) == 6
+    assert batch_samples(torch.zeros(4, 33)) == 4 and batch_items(torch.zeros(4, 33)) == 4 * 32  # tokens predicted
+    with pytest.raises(ValueError, match="window_size"):
+        Throughput(window_size=1)
+
+    dm = ImageDataModule(image_folder(tmp_path), img_size=32, batch_size=8, val_fraction=0.25)
+    module = tiny()
+    trainer(max_steps=2, callbacks=[Throughput(window_size=2)], limit_val_batches=0).fit(module, dm)
+    expected = count_flops(tiny_net(), torch.zeros(8, 3, 32, 32))
+    assert module.flops_per_batch == expected > 0
