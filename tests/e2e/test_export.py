@@ -6,12 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resume_images import VIT_TINY
 
 from hiertrans import HierarchialViT
 from hiertrans.cli import main
-
-VIT_TINY = [f"--model.init_args.net.init_args.{k}" for k in (
-    "embed_dims=[16,16,32,32]", "num_heads=[1,1,2,2]", "depths=[1,1,1,1]", "mlp_ratios=[2,2,2,2]")]
 
 
 def cli(cwd: Path, *args: str) -> tuple[int, str]:
