@@ -41,6 +41,7 @@ from torchvision.transforms import v2
 
 from hiertrans.io import atomic_directory, cache_dir
 
+from .image_sources import LabelledImages, check_source, has_split, open_split
 from .text import ShardSampler, _mix
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -514,6 +515,12 @@ class ImageDataModule(LightningDataModule):
     batches are `(images, paths)`, and the classifier writes its `path,label,probability` CSV to
     `predictions_path`.
 
+    `source` reads other formats under `root` (`datamodules.image_sources`): `cifar10`/`cifar100` python
+    batches, `mnist`/`fashion_mnist` files (torchvision, never downloaded), `hf` (a Hugging Face
+    `save_to_disk` folder or parquet with image and label columns); their splits are `train` and `test`
+    (or the saved ones), so validation is carved from train as above and `test_split: test` tests on the
+    official test set. Images of every source become RGB.
+
     `num_classes` and `classes` are known right after `__init__` (the class folders are listed
     there), so configs and modules can check them before any data is loaded.
 
@@ -551,8 +558,13 @@ class ImageDataModule(LightningDataModule):
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
         in_memory: bool = False,
+        source: str = "folder",
     ) -> None:
         super().__init__()
+        check_source(source)
+        if source != "folder" and root is None:
+            raise ValueError(f"source={source!r} reads files under root: set data.init_args.root (root=None is the "
+                             f"embedded digits, an image folder)")
         for name, value in (("img_size", img_size), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -580,7 +592,9 @@ class ImageDataModule(LightningDataModule):
         self.val_fraction, self.seed = val_fraction, seed
         self.skip_corrupt, self.mean, self.std = skip_corrupt, tuple(mean), tuple(std)
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
-        self.classes: list[str] = DIGITS_CLASSES if root is None else find_classes(root, train_split)
+        self.source, self._opened = source, {}
+        self.classes: list[str] = (DIGITS_CLASSES if root is None else find_classes(root, train_split)
+                                   if source == "folder" else self._open(train_split).classes)
         # one mixer for the run: in the loader's collate, or per batch on the device with in_memory
         self.mix = (MixupCutmixCollate(len(self.classes), mixup_alpha, cutmix_alpha)
                     if mixup_alpha > 0 or cutmix_alpha > 0 else None)
@@ -619,11 +633,29 @@ class ImageDataModule(LightningDataModule):
                 if self.in_memory:
                     self.test_dataset = InMemoryImages.decode(self.test_dataset, self.img_size)
 
-    def _split(self, split: str, transform) -> HViTDataset:
-        dataset = HViTDataset(self.data_root, transform, split, skip_corrupt=self.skip_corrupt)
+    def _open(self, split: str) -> LabelledImages:
+        """A non-folder source's split, read once (CIFAR batches are unpickled whole)."""
+        if split not in self._opened:
+            self._opened[split] = open_split(self.source, self.root, split)
+        return self._opened[split]
+
+    def _has_split(self, split: str | None) -> bool:
+        if split is None:
+            return False
+        if self.source == "folder":
+            return (self.data_root / split).is_dir()
+        return has_split(self.source, self.root, split)
+
+    def _split(self, split: str, transform) -> Dataset:
+        if self.source == "folder":
+            dataset = HViTDataset(self.data_root, transform, split, skip_corrupt=self.skip_corrupt)
+        else:
+            opened = self._open(split)
+            dataset = LabelledImages(opened.image, opened.targets, opened.classes, transform)
         if dataset.classes != self.classes:
             raise ValueError(f"split {split!r} of {str(self.data_root)!r} has classes {dataset.classes}, but "
-                             f"{self.train_split!r} has {self.classes}: every split needs the same folders")
+                             f"{self.train_split!r} has {self.classes}: every split needs the same "
+                             f"{'folders' if self.source == 'folder' else 'classes'}")
         return dataset
 
     def _train_val(self, eval_tf) -> tuple[Dataset, Dataset]:
@@ -634,11 +666,11 @@ class ImageDataModule(LightningDataModule):
 
     def _folders(self, train_tf, eval_tf) -> tuple[Dataset, Dataset]:
         train = self._split(self.train_split, train_tf)
-        if self.val_split is not None and (self.data_root / self.val_split).is_dir():
+        if self._has_split(self.val_split):
             return train, self._split(self.val_split, eval_tf)
         # no val folder: hold out a stratified slice of train, read with the eval transform
         train_idx, val_idx = stratified_split(train.targets, self.val_fraction, self.seed)
-        val = HViTDataset(self.data_root, eval_tf, self.train_split, skip_corrupt=self.skip_corrupt)
+        val = self._split(self.train_split, eval_tf)
         rank_zero_info(f"no {self.val_split!r} split under {str(self.data_root)!r}: holding out "
                        f"{len(val_idx)} of {len(train)} {self.train_split!r} images as validation "
                        f"(val_fraction={self.val_fraction}, stratified, seed={self.seed})")

@@ -101,3 +101,27 @@ def test_bad_sources_say_what_is_expected(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         open_split("mnist", tmp_path / "nowhere", "train")
     assert "folder" in SOURCES
+
+
+def test_image_datamodule_reads_a_source(tmp_path):
+    """ImageDataModule(source=...): classes at __init__, validation carved from train (stratified),
+    the official test split, decoded in memory like any folder; a source without root is refused."""
+    from datamodules.images import ImageDataModule
+
+    write_cifar(tmp_path, per_batch=6)
+    dm = ImageDataModule(root=str(tmp_path), source="cifar10", img_size=32, batch_size=4, val_fraction=0.2,
+                         test_split="test")
+    assert dm.classes == ["cat", "dog", "ship"] and dm.num_classes == 3
+    dm.setup("fit")
+    assert len(dm.train_dataset) + len(dm.val_dataset) == 30 and len(dm.val_dataset) == 6
+    image, target = dm.val_dataset[0]
+    assert image.shape == (3, 32, 32) and 0 <= target < 3
+    dm.setup("test")
+    assert len(dm.test_dataset) == 6
+    in_memory = ImageDataModule(root=str(tmp_path), source="cifar10", img_size=16, in_memory=True, val_fraction=0.2)
+    in_memory.setup("fit")
+    assert in_memory.train_dataset.images.shape == (24, 3, 16, 16)
+    with pytest.raises(ValueError, match="source='mnist' reads files under root"):
+        ImageDataModule(source="mnist")
+    with pytest.raises(ValueError, match="unknown image source"):
+        ImageDataModule(root=str(tmp_path), source="cifar")
