@@ -80,6 +80,8 @@ class ImageClassifier(Task):
         compile: `torch.compile(net, fullgraph=True)` for training.
         log_attention_every_val: log the attention-map figure of the first validation image (not under
             fsdp2: the maps read block weights outside their gathered forward).
+        layer_decay: layer-wise LR decay for fine-tuning (e.g. 0.75): each depth of `net.group_matcher()`
+            (timm's convention) gets `lr * layer_decay ** (depth of the head - depth)`; None: one LR.
     """
 
     def __init__(
@@ -92,8 +94,9 @@ class ImageClassifier(Task):
         ema_decay: float | None = None,
         compile: bool = False,
         log_attention_every_val: bool = True,
+        layer_decay: float | None = None,
     ) -> None:
-        super().__init__(net, optimizer, scheduler, compile)
+        super().__init__(net, optimizer, scheduler, compile, layer_decay)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if ema_decay is not None and not 0 < ema_decay < 1:

@@ -80,12 +80,16 @@ class Task(LightningModule):
     uninterrupted run drew (Lightning does not save RNG states), and DDP ranks draw different masks.
     """
 
-    def __init__(self, net: nn.Module, optimizer: Any, scheduler: Any = None, compile: bool = False) -> None:
+    def __init__(self, net: nn.Module, optimizer: Any, scheduler: Any = None, compile: bool = False,
+                 layer_decay: float | None = None) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module (model.init_args.net.class_path), got {type(net).__name__}")
         self.net = cpu_kernels.apply(net) if cpu_kernels.requested() else net
         self.optimizer, self.scheduler, self.compile_net = optimizer, scheduler, compile
+        if layer_decay is not None and not 0 < layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1] or None (off), got {layer_decay!r}")
+        self.layer_decay = layer_decay
         self.no_decay = no_weight_decay_names(net)  # now: an FSDP wrap would hide the shapes
         self.flops_per_batch: int | None = None  # read by ThroughputMonitor at every step
 
@@ -157,7 +161,7 @@ class Task(LightningModule):
         torch.manual_seed(int(step_seed[0]))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer(param_groups(self.net, no_decay=self.no_decay))
+        optimizer = self.optimizer(param_groups(self.net, no_decay=self.no_decay, layer_decay=self.layer_decay))
         if self.scheduler is None:
             return {"optimizer": optimizer}
         scheduler = self.scheduler(optimizer)

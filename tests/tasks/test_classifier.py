@@ -299,3 +299,17 @@ def test_throughput_callback_and_flop_count(tmp_path):
     trainer(max_steps=2, callbacks=[Throughput(window_size=2)], limit_val_batches=0).fit(module, dm)
     expected = count_flops(tiny_net(), torch.zeros(8, 3, 32, 32))
     assert module.flops_per_batch == expected > 0
+
+
+def test_layer_decay_reaches_the_optimizer():
+    """ImageClassifier(layer_decay=...): the optimizer's groups carry per-depth LR scales (head 1.0; the
+    schedule applies them, tests/models/test_vit.py); bad values are refused."""
+    from hiertrans.vit import create_model
+    from lit_modules import ImageClassifier
+
+    task = ImageClassifier(create_model("hvit_cifar", depths=(1, 1, 1, 1)), scheduler=None, layer_decay=0.5)
+    optimizer = task.configure_optimizers()["optimizer"]
+    scales = sorted({group["lr_scale"] for group in optimizer.param_groups})
+    assert scales[-1] == 1.0 and scales[0] < 0.5 ** 3
+    with pytest.raises(ValueError, match="layer_decay must be in"):
+        ImageClassifier(create_model("hvit_cifar", depths=(1, 1, 1, 1)), layer_decay=0)
