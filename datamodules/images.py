@@ -522,7 +522,8 @@ class ImageDataModule(LightningDataModule):
     official test set. Images of every source become RGB.
 
     `num_classes` and `classes` are known right after `__init__` (the class folders are listed
-    there), so configs and modules can check them before any data is loaded.
+    there), so configs and modules can check them before any data is loaded. `mean`/`std` unset:
+    the training network's `pretrained_cfg` statistics (timm models, fine-tuning), else 0.5.
 
     `in_memory=True` is for small-image data sets (CIFAR, the digits): every split is decoded once
     into a uint8 tensor (`InMemoryImages`) and the loader only indexes it, while crops, flips,
@@ -555,8 +556,8 @@ class ImageDataModule(LightningDataModule):
         random_erasing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
-        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
         in_memory: bool = False,
         source: str = "folder",
     ) -> None:
@@ -579,7 +580,10 @@ class ImageDataModule(LightningDataModule):
         for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {value!r}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        if (mean is None) != (std is None):
+            raise ValueError(f"set mean and std together (or neither: the network's pretrained_cfg, else 0.5), "
+                             f"got mean={mean!r} std={std!r}")
+        if mean is not None and (len(mean) != 3 or len(std) != 3 or min(std) <= 0):
             raise ValueError(f"mean and std need 3 values (RGB) and std > 0, got mean={mean!r} std={std!r}")
         if in_memory and (randaugment or random_erasing > 0):
             raise ValueError("in_memory=True augments whole batches on the device and supports random_resized_crop, "
@@ -590,7 +594,8 @@ class ImageDataModule(LightningDataModule):
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         self.predict_root, self.predictions_path = predict_root, predictions_path
         self.val_fraction, self.seed = val_fraction, seed
-        self.skip_corrupt, self.mean, self.std = skip_corrupt, tuple(mean), tuple(std)
+        self.skip_corrupt = skip_corrupt
+        self.mean, self.std = (tuple(mean), tuple(std)) if mean is not None else (None, None)
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.source, self._opened = source, {}
         self.classes: list[str] = (DIGITS_CLASSES if root is None else find_classes(root, train_split)
@@ -615,7 +620,21 @@ class ImageDataModule(LightningDataModule):
         if self.root is None:
             prepare_digits()  # once per node; idempotent and safe against racing ranks anyway
 
+    def resolve_normalisation(self) -> None:
+        """mean/std not set: the training network's `pretrained_cfg` (timm models and presets carry the
+        statistics their weights were trained with), else 0.5 per channel."""
+        if self.mean is not None:
+            return
+        net = getattr(getattr(self.trainer, "lightning_module", None), "net", None) if self.trainer else None
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        if len(cfg.get("mean", ())) == 3 and len(cfg.get("std", ())) == 3:
+            self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
+            rank_zero_info(f"normalising with the network's pretrained_cfg: mean={self.mean}, std={self.std}")
+        else:
+            self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
     def setup(self, stage: str | None = None) -> None:
+        self.resolve_normalisation()
         eval_tf = eval_transform(self.img_size, self.mean, self.std)
         if stage == "predict":
             if self.predict_root is None:

@@ -373,3 +373,25 @@ def test_in_memory_mixup_and_unsupported_augmentations(tmp_path):
     for bad in (dict(randaugment=True), dict(random_erasing=0.25)):
         with pytest.raises(ValueError, match="in_memory=False"):
             ImageDataModule(str(tmp_path), in_memory=True, **bad)
+
+
+def test_normalisation_comes_from_the_networks_pretrained_cfg(tmp_path):
+    """mean/std unset: the training network's pretrained_cfg (timm models), else 0.5; set: as given."""
+    from types import SimpleNamespace
+
+    import timm
+
+    net = timm.create_model("hvit_cifar", depths=(1, 1, 1, 1))
+    dm = ImageDataModule(batch_size=4, img_size=32)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(net=net))
+    dm.setup("fit")
+    assert (dm.mean, dm.std) == (tuple(net.pretrained_cfg["mean"]), tuple(net.pretrained_cfg["std"]))
+    plain = ImageDataModule(batch_size=4, img_size=32)
+    plain.setup("fit")
+    assert plain.mean == (0.5, 0.5, 0.5)
+    given = ImageDataModule(batch_size=4, img_size=32, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
+    given.trainer = dm.trainer
+    given.setup("fit")
+    assert given.mean == (0.1, 0.2, 0.3)
+    with pytest.raises(ValueError, match="set mean and std together"):
+        ImageDataModule(mean=(0.5, 0.5, 0.5))
