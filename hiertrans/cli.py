@@ -103,12 +103,21 @@ def check_config_files(args: list[str]) -> None:
 
 
 def _logger_run_root(logger_cfg: Any) -> tuple[Path, str] | None:
-    """(save_dir, name) of a single TensorBoard/CSV logger config, else None."""
+    """(save_dir, name) under which a single TensorBoard, CSV or W&B logger's runs keep their
+    `<version>/checkpoints/` (W&B: `<save_dir>/<project>/<run id>/`), else None."""
     init = getattr(logger_cfg, "init_args", None)
     save_dir = getattr(init, "save_dir", None) if init is not None else None
     if save_dir is None:
         return None
+    if str(getattr(logger_cfg, "class_path", "")).endswith("WandbLogger"):
+        return Path(str(save_dir)), str(getattr(init, "project", None) or "lightning_logs")
     return Path(str(save_dir)), str(getattr(init, "name", None) or "lightning_logs")
+
+
+def _describe_logger(logger_cfg: Any) -> str:
+    if isinstance(logger_cfg, (list, tuple)):
+        return f"a list of {len(logger_cfg)} loggers"
+    return str(getattr(logger_cfg, "class_path", None) or logger_cfg)
 
 
 def find_last_checkpoint(save_dir: Path, name: str) -> tuple[Path, int | str] | None:
@@ -338,11 +347,20 @@ class HiertransCLI(LightningCLI):
         if sub == "fit" and self.config[sub].get("ckpt_path") == "last":
             logger_cfg = self.config[sub].trainer.get("logger")
             root = _logger_run_root(logger_cfg)
+            if logger_cfg in (None, True):  # Lightning's default logger: TensorBoard under default_root_dir
+                root = Path(str(self.config[sub].trainer.get("default_root_dir") or ".")), "lightning_logs"
+            if logger_cfg is False:  # one fixed <default_root_dir>/checkpoints: Lightning resolves "last" itself
+                root = None
+            elif root is None:
+                raise UserError(f"--ckpt_path last: cannot tell where the last run's checkpoints are with "
+                                f"trainer.logger={_describe_logger(logger_cfg)} (it looks under one TensorBoard, CSV "
+                                f"or W&B logger's save_dir); pass the checkpoint's path instead")
             found = find_last_checkpoint(*root) if root else None
             if found is not None:  # else nothing to resume: start from scratch, as Lightning does (it warns)
                 ckpt, version = found
                 self.config[sub].ckpt_path = str(ckpt)
-                logger_cfg.init_args.version = version  # keep logging into the interrupted run's directory
+                if getattr(logger_cfg, "init_args", None) is not None:  # log into the interrupted run's directory
+                    logger_cfg.init_args.version = version
                 print(f"hiertrans: resuming from {ckpt}", file=sys.stderr)
         ckpt_path = self.config[sub].get("ckpt_path")
         if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES:

@@ -29,7 +29,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from hiertrans.io import atomic_write
 from hiertrans.metrics import split_metrics
@@ -38,6 +38,7 @@ from hiertrans.pyramid import MultiScaleAttention
 from hiertrans.vit import HierarchialViT
 
 from .callbacks import EMA
+from .media import log_figure, takes_media
 from .task import Task
 
 
@@ -82,6 +83,10 @@ class ImageClassifier(Task):
             fsdp2: the maps read block weights outside their gathered forward).
         layer_decay: layer-wise LR decay for fine-tuning (e.g. 0.75): each depth of `net.group_matcher()`
             (timm's convention) gets `lr * layer_decay ** (depth of the head - depth)`; None: one LR.
+        log_confusion_matrix: log the validation confusion matrix as a figure at every validation.
+
+    Figures (attention maps, the confusion matrix) reach every logger that keeps them: TensorBoard,
+    CSV (PNG files beside metrics.csv) and W&B (`lit_modules.media`).
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class ImageClassifier(Task):
         compile: bool = False,
         log_attention_every_val: bool = True,
         layer_decay: float | None = None,
+        log_confusion_matrix: bool = True,
     ) -> None:
         super().__init__(net, optimizer, scheduler, compile, layer_decay)
         if not 0 <= label_smoothing < 1:
@@ -106,6 +112,7 @@ class ImageClassifier(Task):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = split_metrics("val", num_classes)
         self.test_metrics = split_metrics("test", num_classes)
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.class_names: list[str] | None = None
         self._fixed_image: Tensor | None = None
         self._predictions: list[tuple[list[str], Tensor, Tensor]] = []
@@ -172,11 +179,14 @@ class ImageClassifier(Task):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=images.shape[0])
         return loss
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], split: str, metrics: MetricCollection) -> Tensor:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], split: str, metrics: MetricCollection,
+                  confusion: MulticlassConfusionMatrix | None = None) -> Tensor:
         images, targets = batch
         logits = self.eval_model()(images)
         loss = self.loss(logits, targets)
         metrics.update(logits.float(), targets)
+        if confusion is not None:
+            confusion.update(logits.float(), targets)
         self.log(f"{split}/loss", loss, on_epoch=True, prog_bar=split == "val", sync_dist=True,
                  batch_size=images.shape[0])
         self.log_dict(metrics, on_epoch=True, prog_bar=split == "val", batch_size=images.shape[0])
@@ -186,7 +196,8 @@ class ImageClassifier(Task):
         if batch_idx == 0:  # the val loader is not shuffled: this is the same image at every validation
             self._fixed_image = batch[0][0].detach().clone()
             self._log_attention()  # here, not at the epoch end: an EMA callback has swapped its weights in
-        return self._evaluate(batch, "val", self.val_metrics)
+        confusion = self.val_confusion if self.hparams.log_confusion_matrix else None
+        return self._evaluate(batch, "val", self.val_metrics, confusion)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._evaluate(batch, "test", self.test_metrics)
@@ -202,16 +213,27 @@ class ImageClassifier(Task):
         if not isinstance(net, HierarchialViT) or not all(
                 isinstance(getattr(stage.blocks[-1], "attn", None), MultiScaleAttention) for stage in net.stages):
             return  # timm models, and config-built ones with pooling/windowed mixers, have no maps to show
-        writers = [lg.experiment for lg in self.loggers
-                   if callable(getattr(getattr(lg, "experiment", None), "add_figure", None))]
-        if not writers:
+        if not takes_media(self.loggers):
             return
         from hiertrans.visualize import attention_figure  # matplotlib only when a logger takes figures
 
         with torch.no_grad():
             figure = attention_figure(net, self._fixed_image)
-        for writer in writers:
-            writer.add_figure("val/attention", figure, global_step=self.global_step, close=False)
+        log_figure(self.loggers, "val/attention", figure, self.global_step)
+
+    def on_validation_epoch_end(self) -> None:
+        """The validation confusion matrix as a figure (rows: true class, columns: predicted)."""
+        if self.trainer.sanity_checking or not self.hparams.log_confusion_matrix:
+            self.val_confusion.reset()
+            return
+        counts = self.val_confusion.compute()  # on every rank: it gathers the ranks' counts
+        self.val_confusion.reset()
+        if self.trainer.is_global_zero and takes_media(self.loggers):
+            import matplotlib.pyplot as plt
+
+            figure, _ = self.val_confusion.plot(counts, labels=self.class_names)
+            log_figure(self.loggers, "val/confusion_matrix", figure, self.global_step)
+            plt.close(figure)
 
     # --- predict --------------------------------------------------------------------------------
     def on_predict_epoch_start(self) -> None:

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hiertrans.cli import resolve_config, shipped_configs
 
@@ -45,3 +46,33 @@ def test_non_editable_install_finds_its_configs_from_any_directory(tmp_path):
     origin = subprocess.run([sys.executable, "-c", "import hiertrans; print(hiertrans.__file__)"], cwd=cwd, env=env,
                             capture_output=True, text=True, check=True).stdout
     assert origin.startswith(str(target))
+
+
+@pytest.mark.parametrize("logger", ["csv", "wandb"])
+def test_ckpt_path_last_resumes_with_csv_and_wandb_loggers(tmp_path, monkeypatch, logger):
+    """`--ckpt_path last` finds the newest last.ckpt under a CSV logger's runs and a W&B logger's
+    `<save_dir>/<project>/<run id>/`, and keeps logging into that run."""
+    from helpers import TINY_LM_ARGS
+
+    from hiertrans.cli import main
+
+    if logger == "wandb":
+        pytest.importorskip("wandb", reason="W&B is the optional `wandb` extra")
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        chosen = ["--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir=runs",
+                  "--trainer.logger.offline=true", "--trainer.logger.project=lm"]
+    else:
+        chosen = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs",
+                  "--trainer.logger.name=lm"]
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n" * 400)
+    args = ["fit", "--config", "lm.yaml", *TINY_LM_ARGS, *chosen, f"--data.init_args.path={corpus}",
+            "--data.init_args.val_fraction=0.1", "--data.init_args.test_fraction=0.1",
+            "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--model.init_args.sample_length=4"]
+    main([*args, "--trainer.max_steps=2"])
+    (first,) = (tmp_path / "runs" / "lm").glob("*/checkpoints/last.ckpt")
+    main([*args, "--trainer.max_steps=3", "--ckpt_path", "last"])
+    (resumed,) = (tmp_path / "runs" / "lm").glob("*/checkpoints/last.ckpt")  # the same run, continued
+    assert resumed == first
+    assert torch.load(resumed, weights_only=True, map_location="cpu")["global_step"] == 3

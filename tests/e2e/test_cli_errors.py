@@ -267,3 +267,11 @@ def test_a_directory_of_binary_files_is_named(tmp_path, monkeypatch, capsys):
     err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "lm.yaml", *TINY_LM,
                f"--data.init_args.path={tmp_path / 'blobs'}")
     assert "no text files in directory" in err and "weights.bin" in err and "binary" in err
+
+
+def test_ckpt_path_last_says_when_it_cannot_find_runs(tmp_path, monkeypatch, capsys):
+    two = write(tmp_path / "two_loggers.yaml", "trainer:\n  logger:\n"
+                "    - {class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: runs}}\n"
+                "    - {class_path: lightning.pytorch.loggers.TensorBoardLogger, init_args: {save_dir: runs}}\n")
+    err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "lm.yaml", "--config", two, "--ckpt_path", "last")
+    assert "--ckpt_path last" in err and "a list of 2 loggers" in err and "checkpoint's path" in err

@@ -232,7 +232,7 @@ def test_cli_fit_logs_scalars_figure_checkpoint_then_predicts(run_cli, tmp_path,
     event_file = next(log_dir.glob("events.out.tfevents.*"))
     acc = EventAccumulator(str(event_file), size_guidance={"images": 0})
     acc.Reload()
-    assert "val/attention" in acc.Tags()["images"]
+    assert {"val/attention", "val/confusion_matrix"} <= set(acc.Tags()["images"])
     checkpoint = log_dir / "checkpoints" / "last.ckpt"
     assert checkpoint.is_file()
 
@@ -313,3 +313,29 @@ def test_layer_decay_reaches_the_optimizer():
     assert scales[-1] == 1.0 and scales[0] < 0.5 ** 3
     with pytest.raises(ValueError, match="layer_decay must be in"):
         ImageClassifier(create_model("hvit_cifar", depths=(1, 1, 1, 1)), layer_decay=0)
+
+
+@pytest.mark.parametrize("logger", ["csv", "wandb"])
+def test_figures_reach_csv_and_wandb_loggers(tmp_path, monkeypatch, logger):
+    """The attention maps and the confusion matrix reach a CSVLogger (PNG files beside metrics.csv) and
+    a WandbLogger in offline mode (its run's media), as they reach TensorBoard."""
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    if logger == "wandb":
+        pytest.importorskip("wandb", reason="W&B is the optional `wandb` extra")
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        chosen = WandbLogger(save_dir=str(tmp_path), offline=True, project="hiertrans-test")
+    else:
+        chosen = CSVLogger(str(tmp_path), name="csv")
+    torch.manual_seed(0)
+    dm = ImageDataModule(image_folder(tmp_path / "data", per_class=4), img_size=32, batch_size=6, val_fraction=0.25)
+    trainer(max_steps=2, logger=chosen, log_every_n_steps=1, num_sanity_val_steps=0).fit(tiny(), dm)
+    if logger == "csv":
+        media = sorted(p.name for p in (tmp_path / "csv" / "version_0" / "media").iterdir())
+        assert media == ["val_attention_step2.png", "val_confusion_matrix_step2.png"]
+        assert (tmp_path / "csv" / "version_0" / "metrics.csv").is_file()
+    else:
+        chosen.experiment.finish()
+        images = [p.name for p in tmp_path.rglob("*.png")]
+        assert any(name.startswith("val/attention") or "attention" in name for name in images), images
+        assert any("confusion_matrix" in name for name in images), images
