@@ -1,0 +1,123 @@
+"""Generation speed: new bytes/s of our cached `generate` vs simple-hierarchical-transformer's.
+
+    pip install ".[bench]"
+    python bench/lm_generate.py                 # lm.yaml's model; 256, 1,024 and 4,096 new bytes; batch 1 and 4
+    python bench/lm_generate.py --new 256 --batch 1 --rounds 5
+
+Both models are lm.yaml's network (dim 128, depth 4, hierarchies (1, 2), windows (32, None),
+seq_len 256) from the same seed, in eval mode, sampling with the same settings (temperature 1.0,
+top 10% of bytes, Gumbel noise) after the same 16-byte prompt of real text. Each contender runs in
+a process of its own (`bench.common.StepWorker`), timed alternately round by round; medians.
+
+- ours (cached): `generate` on the key/value caches: the prompt once, then one position per byte;
+  past the 256-byte context it drops the oldest 64 bytes and rebuilds the cache from the rest.
+- ours (uncached): `generate(..., use_cache=False)`: the whole context (the last 256 bytes) per byte.
+- reference: `simple_hierarchical_transformer.HierarchicalTransformer.generate`, which runs the
+  whole context per byte too.
+
+The uncached loops cost the same per byte once the context is full, so they are timed at 256 new
+bytes and at 256 + `--tail` (a sample of full-context steps), and their times at 1,024 and 4,096
+are extrapolated from that per-byte cost (printed as such). Ours (cached) is timed at every length.
+"""
+
+import argparse
+import inspect
+import json.decoder
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import StepWorker, machine, params  # noqa: E402
+from hiertrans import HierarchicalTransformer  # noqa: E402
+
+LM_YAML = dict(num_tokens=256, dim=128, depth=4, seq_len=256, heads=4, dim_head=32, ff_mult=4, hierarchies=(1, 2),
+               window_sizes=(32, None), hierarchical_stride=1)
+SAMPLING = dict(temperature=1.0, filter_thres=0.9)
+CONTENDERS = ("ours (cached)", "ours (uncached)", "reference")
+
+
+def build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "reference":
+        from simple_hierarchical_transformer import HierarchicalTransformer as Reference
+
+        return Reference(**LM_YAML).eval()
+    return HierarchicalTransformer(**LM_YAML, ignore_index=-1).eval()
+
+
+def prompt(batch: int, length: int) -> torch.Tensor:
+    text = inspect.getsource(json.decoder).encode()[:length]
+    return torch.tensor(list(text), dtype=torch.long).expand(batch, -1).contiguous()
+
+
+def make_generate(name: str, new: int, batch: int, prompt_len: int):
+    """Runs in a worker process: one call generates `new` bytes after the prompt."""
+    model, ids = build(name), prompt(batch, prompt_len)
+    options = dict(use_cache=False) if name == "ours (uncached)" else {}
+
+    def generate():
+        torch.manual_seed(0)
+        return model.generate(ids, new, **SAMPLING, **options)
+
+    model.generate(ids, 8, **SAMPLING, **options)  # warm-up: allocator, caches
+    return generate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new", type=int, nargs="+", default=[256, 1024, 4096], help="new bytes per call")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--tail", type=int, default=64, help="full-context steps timed for the uncached loops")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    context = LM_YAML["seq_len"]
+    print(machine())
+    print(f"model: lm.yaml's HierarchicalTransformer ({params(build('ours')):,} parameters; the reference "
+          f"{params(build('reference')):,}), seq_len {context}, eval mode; sampling {SAMPLING} after a "
+          f"{args.prompt_len}-byte prompt; one process per contender, {args.rounds} alternating rounds")
+
+    # (contender, batch, new bytes) -> worker; the uncached loops at 256 and 256 + tail only
+    uncached_lengths = sorted({min(n, context) for n in args.new} | {context + args.tail})
+    jobs = [(name, batch, new) for batch in args.batch for name in CONTENDERS
+            for new in (args.new if name == "ours (cached)" else uncached_lengths)]
+    workers = {job: StepWorker(partial(make_generate, job[0], job[2], job[1], args.prompt_len), "cpu",
+                               args.threads, warmup=0) for job in jobs}
+    seconds: dict[tuple, list[float]] = {job: [] for job in jobs}
+    for _ in range(args.rounds):
+        for job, worker in workers.items():
+            seconds[job].append(worker.time())
+    for worker in workers.values():
+        worker.close()
+    median = {job: statistics.median(s) for job, s in seconds.items()}
+
+    def estimate(name: str, batch: int, new: int) -> tuple[float, bool]:
+        """Seconds for `new` bytes, and whether extrapolated from the full-context per-byte cost."""
+        if (name, batch, new) in median:
+            return median[(name, batch, new)], False
+        at_context, longer = median[(name, batch, context)], median[(name, batch, context + args.tail)]
+        return at_context + (new - context) * (longer - at_context) / args.tail, True
+
+    print(f"\n{'batch':>5} {'new bytes':>9} {'contender':<17}{'seconds':>10}{'new bytes/s':>13}{'cached / this':>15}")
+    for batch in args.batch:
+        for new in args.new:
+            cached, _ = estimate("ours (cached)", batch, new)
+            for name in CONTENDERS:
+                s, extrapolated = estimate(name, batch, new)
+                mark = " (extrapolated)" if extrapolated else ""
+                ratio = "" if name == "ours (cached)" else f"{s / cached:.1f}x"
+                print(f"{batch:>5} {new:>9} {name:<17}{s:>10.2f}{batch * new / s:>13.0f}{ratio:>15}{mark}")
+    print("\nper round (s): " + "; ".join(f"{n} b{b} {k}: " + "/".join(f"{t:.2f}" for t in seconds[(n, b, k)])
+                                         for n, b, k in jobs))
+    print(machine().rsplit("; ", 1)[-1] + " at the end")
+
+
+if __name__ == "__main__":
+    main()
