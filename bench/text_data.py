@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GIB, MIB = 1 << 30, 1 << 20
-STATED_LM_BYTES_PER_S = 12_500  # README: lm.yaml on the idle machine, two threads, oneDNN linears
+STATED_LM_BYTES_PER_S = 12_500  # README: lm.yaml on an idle AVX-512 machine, two threads (an upper bound)
 # short runs: two validation batches, no sanity check, an 8-byte text sample instead of 200 autoregressive steps
 CLI_SHORT = ["--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1",
              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -235,12 +235,9 @@ def measure_lm_bytes_per_s(steps: int = 4) -> float | None:
     from hiertrans import HierarchicalTransformer
 
     cfg = yaml.safe_load((ROOT / "configs" / "lm.yaml").read_text())
-    model_args = dict(cfg["model"]["init_args"])
+    model_args = cfg["model"]["init_args"]["net"]["init_args"]  # the network the task trains
     data_args = cfg["data"]["init_args"]
-    keep = ("num_tokens", "dim", "depth", "seq_len", "heads", "dim_head", "ff_mult", "hierarchies", "window_sizes",
-            "hierarchical_stride", "recon_loss_weight", "hierarchical_ar_loss_weight")
-    model = HierarchicalTransformer(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in model_args.items()
-                                       if k in keep})
+    model = HierarchicalTransformer(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in model_args.items()})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = torch.randint(0, 256, (data_args["batch_size"], data_args["seq_len"] + 1))
     times = []
