@@ -99,3 +99,29 @@ def test_export_of_the_language_model(tmp_path):
     weights = torch.load(checkpoint, weights_only=True)["state_dict"]
     for name, value in net.state_dict().items():
         torch.testing.assert_close(value, weights[f"net.{name}"], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_fine_tune_exported_weights_with_another_class_count(checkpoint, tmp_path):
+    """Exported weights as the network of a new fit (`hiertrans.vit.pretrained`) on 3 classes instead of
+    10 (a new head), with layer-wise LR decay: the acceptance command of fine-tuning, through the CLI."""
+    out = tmp_path / "exported"
+    assert cli(tmp_path, "export", "--config", "vit.yaml", "--ckpt_path", str(checkpoint), "--out", str(out))[0] == 0
+    data = tmp_path / "three"
+    from PIL import Image
+
+    for c, name in enumerate(("a", "b", "c")):
+        (data / "train" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (80 * c, 10 * i, 0)).save(data / "train" / name / f"{i}.png")
+    code, err = cli(tmp_path, "fit", "--config", "vit.yaml", "--model.init_args.net=hiertrans.vit.pretrained",
+                    f"--model.init_args.net.init_args.path={out}", "--model.init_args.net.init_args.num_classes=3",
+                    "--model.init_args.layer_decay=0.75", f"--data.init_args.root={data}",
+                    "--data.init_args.val_fraction=0.25", "--data.init_args.batch_size=4", "--trainer.max_steps=1",
+                    "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
+                    "--model.init_args.log_attention_every_val=false", "--trainer.enable_progress_bar=false",
+                    "--trainer.enable_model_summary=false")
+    assert code == 0, err
+    tuned = torch.load(next(tmp_path.glob("runs/vit/version_*/checkpoints/last.ckpt")), weights_only=True)
+    assert tuned["state_dict"]["net.head.weight"].shape[0] == 3
+    assert {group["lr_scale"] for group in tuned["optimizer_states"][0]["param_groups"]} >= {1.0, 0.75}
