@@ -10,6 +10,7 @@ from torchmetrics import MeanMetric
 
 from hiertrans.optim import WarmupCosineLR
 
+from .media import log_text, takes_media
 from .task import Task
 from .throughput import StepRate
 
@@ -119,14 +120,14 @@ class LanguageModel(Task):
         self.step_rate.reset()
 
     def _log_sample(self) -> None:
-        experiment = getattr(self.logger, "experiment", None) if self.trainer.is_global_zero else None
-        if not hasattr(self.net, "generate") or (self.device_mesh is None and not hasattr(experiment, "add_text")):
+        wanted = self.trainer.is_global_zero and takes_media(self.loggers)  # TensorBoard, CSV, W&B
+        if not hasattr(self.net, "generate") or (self.device_mesh is None and not wanted):
             return
         # a sharded network's forward is collective: then every rank samples (the same text: same seed)
         prompt = getattr(self.trainer.datamodule, "prompt", None) or "\n"
         text = prompt + self.generate(prompt, self.hparams.sample_length, seed=self.global_step)
-        if hasattr(experiment, "add_text"):  # TensorBoard renders markdown: a code block keeps whitespace
-            experiment.add_text("val/sample", "```\n" + text.replace("```", "'''") + "\n```", self.global_step)
+        if wanted:
+            log_text(self.loggers, "val/sample", text, self.global_step)
 
     def generate(self, prompt: str, length: int, seed: int | None = None, *, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None) -> str:

@@ -133,6 +133,17 @@ def test_fit_logs_losses_validates_at_the_end_and_samples(tmp_path):
     assert any("val/sample" in tag for tag in acc.Tags()["tensors"])
 
 
+def test_text_samples_reach_a_csv_logger(tmp_path):
+    """The validation sample, as a text file beside metrics.csv (lit_modules.media), like TensorBoard's."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    data = ByteTextDataModule(corpus(tmp_path), seq_len=32, batch_size=4, train_samples_per_epoch=400)
+    trainer(tmp_path, max_steps=2, logger=CSVLogger(tmp_path, name="csv"), limit_val_batches=1,
+            callbacks=[ValidateAtEnd()]).fit(tiny(), datamodule=data)
+    (sample,) = (tmp_path / "csv" / "version_0" / "media").glob("val_sample_step*.txt")
+    assert sample.read_text(encoding="utf-8").startswith(data.prompt or "\n")
+
+
 def test_the_flat_baseline_trains_through_the_same_task(tmp_path):
     data = ByteTextDataModule(corpus(tmp_path), seq_len=32, batch_size=4, train_samples_per_epoch=400)
     module = tiny(Transformer(num_tokens=256, dim=32, depth=1, seq_len=32, heads=2, dim_head=16))
