@@ -48,6 +48,14 @@ def test_non_editable_install_finds_its_configs_from_any_directory(tmp_path):
     assert origin.startswith(str(target))
 
 
+def finish_wandb_run() -> None:
+    """Close a W&B run the in-process CLI left open (WandbLogger would reuse it in the next run)."""
+    import sys
+
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].finish()
+
+
 @pytest.mark.parametrize("logger", ["csv", "wandb"])
 def test_ckpt_path_last_resumes_with_csv_and_wandb_loggers(tmp_path, monkeypatch, logger):
     """`--ckpt_path last` finds the newest last.ckpt under a CSV logger's runs and a W&B logger's
@@ -57,8 +65,9 @@ def test_ckpt_path_last_resumes_with_csv_and_wandb_loggers(tmp_path, monkeypatch
     from hiertrans.cli import main
 
     if logger == "wandb":
-        pytest.importorskip("wandb", reason="W&B is the optional `wandb` extra")
+        wandb = pytest.importorskip("wandb", reason="W&B is the optional `wandb` extra")
         monkeypatch.setenv("WANDB_SILENT", "true")
+        wandb.finish()
         chosen = ["--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir=runs",
                   "--trainer.logger.offline=true", "--trainer.logger.project=lm"]
     else:
@@ -72,7 +81,9 @@ def test_ckpt_path_last_resumes_with_csv_and_wandb_loggers(tmp_path, monkeypatch
             "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--model.init_args.sample_length=4"]
     main([*args, "--trainer.max_steps=2"])
     (first,) = (tmp_path / "runs" / "lm").glob("*/checkpoints/last.ckpt")
+    finish_wandb_run()
     main([*args, "--trainer.max_steps=3", "--ckpt_path", "last"])
+    finish_wandb_run()
     (resumed,) = (tmp_path / "runs" / "lm").glob("*/checkpoints/last.ckpt")  # the same run, continued
     assert resumed == first
     assert torch.load(resumed, weights_only=True, map_location="cpu")["global_step"] == 3

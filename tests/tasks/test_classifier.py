@@ -322,8 +322,9 @@ def test_figures_reach_csv_and_wandb_loggers(tmp_path, monkeypatch, logger):
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     if logger == "wandb":
-        pytest.importorskip("wandb", reason="W&B is the optional `wandb` extra")
+        wandb = pytest.importorskip("wandb", reason="W&B is the optional `wandb` extra")
         monkeypatch.setenv("WANDB_SILENT", "true")
+        wandb.finish()  # a run left open elsewhere in this process would be reused (and hold the media)
         chosen = WandbLogger(save_dir=str(tmp_path), offline=True, project="hiertrans-test")
     else:
         chosen = CSVLogger(str(tmp_path), name="csv")
