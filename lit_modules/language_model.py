@@ -12,7 +12,6 @@ from hiertrans.optim import WarmupCosineLR
 
 from .media import log_text, takes_media
 from .task import Task
-from .throughput import StepRate
 
 # Marks positions without a target (padding of the last validation window): no byte takes it, so
 # the loss counts every real byte and bits per byte are exact.
@@ -27,9 +26,10 @@ class LanguageModel(Task):
     `hiertrans.protocols.CausalLM`). A network with auxiliary losses declares their weights in
     `net.aux_loss_weights` (`{"recon": 0.1, ...}`) and returns `(logits, {name: loss})` from
     `net(ids, return_aux_losses=True)`; the task adds `weight * loss` to the cross-entropy and logs
-    each as `train/<name>`. Logs `train/loss|ce|bpb`, `train/tokens_per_sec`, `val/loss`, `val/bpb`
+    each as `train/<name>`. Logs `train/loss|ce|bpb`, `val/loss`, `val/bpb`
     (bits per byte over the whole validation split, exactly) and a text sample at each validation
-    (from the weights validation uses: the averaged ones under an EMA callback).
+    (from the weights validation uses: the averaged ones under an EMA callback). Tokens/s and FLOPs/s
+    come from the `lit_modules.Throughput` callback (Lightning's ThroughputMonitor) in the configs.
 
     Sampling is seeded, not drawn from the global RNG: validation samples with the step number as
     seed, predict with the run's seed plus the prompt's index, so validating never changes what
@@ -61,7 +61,6 @@ class LanguageModel(Task):
                                 f"(hiertrans.protocols.CausalLM); {type(net).__name__} has none")
         self.save_plain_hyperparameters()
         self.val_bpb, self.test_bpb = MeanMetric(), MeanMetric()
-        self.step_rate = StepRate()
 
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -93,13 +92,7 @@ class LanguageModel(Task):
         loss, ce, aux, _ = self.losses(batch)
         self.log_dict({"train/loss": loss, "train/ce": ce, **{f"train/{k}": v for k, v in aux.items()}})
         self.log("train/bpb", ce / math.log(2), prog_bar=True)
-        rate = self.step_rate(batch[:, 1:].numel() * self.trainer.world_size)
-        if rate is not None:
-            self.log("train/tokens_per_sec", rate, rank_zero_only=True)
         return loss
-
-    def on_train_epoch_start(self) -> None:
-        self.step_rate.reset()  # validation time is not training throughput
 
     def _eval_step(self, batch: Tensor, split: str, bpb: MeanMetric) -> None:
         loss, ce, _, labels = self.losses(batch)
@@ -115,9 +108,6 @@ class LanguageModel(Task):
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         self._eval_step(batch, "test", self.test_bpb)
-
-    def on_validation_epoch_end(self) -> None:
-        self.step_rate.reset()
 
     def _log_sample(self) -> None:
         wanted = self.trainer.is_global_zero and takes_media(self.loggers)  # TensorBoard, CSV, W&B
