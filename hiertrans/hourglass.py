@@ -37,7 +37,7 @@ from .layers import (
     merge_heads,
     split_heads,
 )
-from .lm import causal_windows, check_continuation, newest, next_token_targets, sample
+from .lm import Generates, causal_windows, check_continuation, newest, next_token_targets
 
 DOWNSAMPLING = ("linear", "average")
 UPSAMPLING = ("linear", "attention")
@@ -193,7 +193,7 @@ class HourglassCache:
     length: int = 0
 
 
-class HourglassTransformer(nn.Module, HubMixin):
+class HourglassTransformer(nn.Module, HubMixin, Generates):
     """Hourglass language model (Nawrot et al. 2021): `ids (b, n) -> logits (b, n, num_tokens)`.
 
     The hierarchy is `depths` and `shorten_factors`: `depths` lists the layers from the outside
@@ -317,15 +317,6 @@ class HourglassTransformer(nn.Module, HubMixin):
             x = block(x, block_cache)
         cache.length += ids.shape[1]
         return self.to_logits(self.norm(x))
-
-    def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
-                 top_p: float | None = None, *, top_k: int | None = None, use_cache: bool | None = None,
-                 slide: int | None = None) -> Tensor:
-        """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`) on the decoding caches, as
-        `HierarchicalTransformer.generate` (`hiertrans.lm.sample` has every option). Returns the new
-        tokens only."""
-        return sample(self, prompt, seq_len, temperature, filter_thres, top_p, top_k=top_k, use_cache=use_cache,
-                      slide=slide)
 
 
 def hourglass_hierarchy(notation: str) -> dict[str, tuple[int, ...]]:

@@ -374,7 +374,23 @@ def cosine_sim_loss(x: Tensor, y: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(x, y, dim=-1).mean()
 
 
-class HierarchicalTransformer(nn.Module, HubMixin):
+class Generates:
+    """`generate` for any `IncrementalCausalLM` (HierarchicalTransformer, Transformer, HourglassTransformer):
+    one sampling loop, `sample`, for every model family."""
+
+    def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
+                 top_p: float | None = None, *, top_k: int | None = None, use_cache: bool | None = None,
+                 slide: int | None = None) -> Tensor:
+        """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`): greedy at `temperature=0`,
+        else top-k (`filter_thres`, or `top_k` tokens) and top-p sampling, on the key/value caches
+        of `decode` (`use_cache=False`: the whole context per token; `slide`: how the context moves
+        past `seq_len`). `hiertrans.lm.sample` describes each option. Runs in eval mode and restores
+        the training flag afterwards. Returns the new tokens only."""
+        return sample(self, prompt, seq_len, temperature, filter_thres, top_p, top_k=top_k, use_cache=use_cache,
+                      slide=slide)
+
+
+class HierarchicalTransformer(nn.Module, HubMixin, Generates):
     """Hierarchical transformer language model: `ids (b, n) -> logits (b, n, num_tokens)`.
 
     Args mirror simple-hierarchical-transformer. `dim`, `dim_head`, `heads`, `ff_mult`,
@@ -620,14 +636,3 @@ class HierarchicalTransformer(nn.Module, HubMixin):
         if self.predict_use_all_hierarchy:
             return self.to_logits(torch.cat(per_position, dim=-1))
         return self.to_logits(per_position[self.predict_index])
-
-    def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
-                 top_p: float | None = None, *, top_k: int | None = None, use_cache: bool | None = None,
-                 slide: int | None = None) -> Tensor:
-        """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`): greedy at `temperature=0`,
-        else top-k (`filter_thres`, or `top_k` tokens) and top-p sampling, on the key/value caches
-        of `decode` (`use_cache=False`: the whole context per token; `slide`: how the context moves
-        past `seq_len`). `hiertrans.lm.sample` describes each option. Runs in eval mode and restores
-        the training flag afterwards. Returns the new tokens only."""
-        return sample(self, prompt, seq_len, temperature, filter_thres, top_p, top_k=top_k, use_cache=use_cache,
-                      slide=slide)

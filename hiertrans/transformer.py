@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .hub import HubMixin
 from .layers import BlockCache, CausalBlock, RMSNorm, check_token_ids
-from .lm import check_continuation, next_token_targets, sample
+from .lm import Generates, check_continuation, next_token_targets
 
 
 @dataclass
@@ -22,7 +22,7 @@ class TransformerCache:
     length: int = 0
 
 
-class Transformer(nn.Module, HubMixin):
+class Transformer(nn.Module, HubMixin, Generates):
     """Flat causal pre-norm transformer language model: `ids (b, n) -> logits (b, n, num_tokens)`.
 
     token embedding -> `depth` x [`x + attn(norm(x))`, `x + ff(norm(x))`] -> RMSNorm -> logits.
@@ -106,12 +106,3 @@ class Transformer(nn.Module, HubMixin):
             x = block(x, block_cache)
         cache.length += ids.shape[1]
         return self.to_logits(self.norm(x))
-
-    def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
-                 top_p: float | None = None, *, top_k: int | None = None, use_cache: bool | None = None,
-                 slide: int | None = None) -> Tensor:
-        """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`) on the key/value caches, as
-        `HierarchicalTransformer.generate` (`hiertrans.lm.sample` has every option). Returns the new
-        tokens only."""
-        return sample(self, prompt, seq_len, temperature, filter_thres, top_p, top_k=top_k, use_cache=use_cache,
-                      slide=slide)
