@@ -5,6 +5,7 @@ import json.decoder
 
 import pytest
 import torch
+from helpers import assert_compiled_training_matches_eager
 
 from hiertrans import CausalLM, HourglassTransformer
 from hiertrans.hourglass import hourglass_hierarchy
@@ -110,18 +111,9 @@ def test_paper_notation():
 
 
 def test_compiles_fullgraph_forward_and_backward():
-    torch._dynamo.reset()
     model = tiny(depths=(0, 1, 0), shorten_factors=(3,), upsample="attention")  # the most code, fewest kernels
     ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(0))
-    loss, _ = torch.compile(model, fullgraph=True)(ids, return_loss=True)
-    loss.backward()
-    compiled_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    expected, _ = model(ids, return_loss=True)
-    expected.backward()
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
-    for got, param in zip(compiled_grads, model.parameters()):
-        torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-5)
+    assert_compiled_training_matches_eager(model, ids)
 
 
 def test_loss_falls_on_real_text():

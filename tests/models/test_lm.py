@@ -3,6 +3,7 @@ import json.decoder
 
 import pytest
 import torch
+from helpers import assert_compiled_training_matches_eager
 
 from hiertrans import HierarchicalBlock, HierarchicalTransformer, set_debug
 from hiertrans.layers import local_attend
@@ -168,18 +169,9 @@ def test_aux_losses_protocol():
 
 def test_compiles_fullgraph_forward_and_backward():
     """No graph breaks and no host syncs: `torch.compile(fullgraph=True)` takes the training step."""
-    torch._dynamo.reset()
     model = tiny(depth=1, hierarchies=(1, 2), window_sizes=(4, None))
     ids = torch.randint(0, VOCAB, (2, 22), generator=torch.Generator().manual_seed(0))
-    total, _ = torch.compile(model, fullgraph=True)(ids, return_loss=True)
-    total.backward()
-    compiled_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    expected, _ = model(ids, return_loss=True)
-    expected.backward()
-    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
-    for got, param in zip(compiled_grads, model.parameters()):
-        torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-5)
+    assert_compiled_training_matches_eager(model, ids)
 
 
 def test_block_keeps_shape_and_is_causal():
