@@ -63,3 +63,19 @@ def assert_compiled_training_matches_eager(model, ids) -> None:
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for got, param in zip(compiled_grads, model.parameters()):
         torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-5)
+
+
+def assert_strictly_causal(model, n: int, vocab: int) -> None:
+    """The perturbation sweep: `model(ids) -> (2, n, vocab)` logits at t never change when any token after
+    t changes (every t, random replacements, eval mode, no gradients)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (2, n), generator=gen)
+    with torch.no_grad():
+        base = model(ids)
+        assert base.shape == (2, n, vocab)
+        for t in range(n - 1):
+            changed = ids.clone()
+            changed[:, t + 1:] = torch.randint(0, vocab, (2, n - t - 1), generator=gen)
+            torch.testing.assert_close(model(changed)[:, : t + 1], base[:, : t + 1], atol=1e-5, rtol=1e-5)
