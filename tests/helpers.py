@@ -79,3 +79,26 @@ def assert_strictly_causal(model, n: int, vocab: int) -> None:
             changed = ids.clone()
             changed[:, t + 1:] = torch.randint(0, vocab, (2, n - t - 1), generator=gen)
             torch.testing.assert_close(model(changed)[:, : t + 1], base[:, : t + 1], atol=1e-5, rtol=1e-5)
+
+
+def cli_in_process(cwd, *args: str) -> int:
+    """`python -m hiertrans <args>` run in this process from `cwd` (no import cost), with one intra-op thread
+    like the subprocesses (another thread count may change float summation order); returns the exit code."""
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from hiertrans.cli import main
+
+    threads, here = torch.get_num_threads(), Path.cwd()
+    torch.set_num_threads(1)
+    os.chdir(cwd)
+    try:
+        main(list(args))
+        return 0
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import ROOT
-from helpers import TINY_LM_ARGS
+from helpers import TINY_LM_ARGS, cli_in_process
 
 HERE = Path(__file__).resolve().parent  # test_faults (callbacks by class path) and helpers.py, for subprocesses
 STEPS, EVERY, PAUSE_AT = 12, 3, 5  # 4 batches per epoch: the periodic checkpoint at step 3 is mid-epoch
@@ -92,21 +92,8 @@ def finish(proc: subprocess.Popen, expect: int = 0, timeout: float = 300) -> str
 
 
 def in_process(cwd: Path, *args: str) -> int:
-    """`python -m hiertrans fit ...` in this process (no import cost), one thread like the subprocesses
-    (a different thread count may change float summation order); returns the exit code."""
-    from hiertrans.cli import main
-
-    threads, here = torch.get_num_threads(), Path.cwd()
-    torch.set_num_threads(1)
-    os.chdir(cwd)
-    try:
-        main(["fit", "--config", "lm.yaml", *args])
-        return 0
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    finally:
-        os.chdir(here)
-        torch.set_num_threads(threads)
+    """`python -m hiertrans fit --config lm.yaml ...` in this process, one thread; returns the exit code."""
+    return cli_in_process(cwd, "fit", "--config", "lm.yaml", *args)
 
 
 def last_ckpt(run_dir: Path) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_in_process
 from test_faults import wait_for
 
 STEPS, STOP = 9, 5
@@ -45,19 +46,7 @@ def callbacks_yaml(extra: str = "") -> str:
 
 def fit(cwd: Path, *args: str) -> int:
     """`python -m hiertrans fit --config vit.yaml ...` in this process, one thread; returns the exit code."""
-    from hiertrans.cli import main
-
-    threads, here = torch.get_num_threads(), Path.cwd()
-    torch.set_num_threads(1)
-    os.chdir(cwd)
-    try:
-        main(["fit", "--config", "vit.yaml", *args])
-        return 0
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    finally:
-        os.chdir(here)
-        torch.set_num_threads(threads)
+    return cli_in_process(cwd, "fit", "--config", "vit.yaml", *args)
 
 
 def _killable_run(cwd: Path, args: list[str]) -> None:
