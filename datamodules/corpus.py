@@ -13,9 +13,10 @@ Sources (`path`):
   `dist-packages` (installed packages differ between machines) and `__pycache__`.
 - a file: its bytes, as they are, mapped in place (no copy). A `.gz` file is decompressed once
   into the cache. enwik8 (exactly 100,000,000 bytes, or a name containing "enwik8") takes the
-  standard 90% / 5% / 5% split (see `split_sizes`). A file whose start is not UTF-8 text (binary,
-  or another encoding) is still read byte for byte, with a warning that names it and says how to
-  convert it.
+  standard 90% / 5% / 5% split (see `split_sizes`). A file whose start (first 8 KiB) is not UTF-8
+  text, binary or in another encoding, is an error that names it and says how to convert it;
+  `allow_binary=True` reads such a file byte for byte as it is (a byte-level model can learn any
+  bytes, but that is rarely what a misnamed path meant).
 - a directory: every file below it, recursively in sorted order, that is not hidden (no component
   starting with ".") and looks like text (its first 8 KiB contain no NUL byte). Binary files left
   out and text files that are not UTF-8 are named in a warning when the corpus is built; a
@@ -51,7 +52,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import itertools
 import json
 import logging
 import mmap
@@ -146,15 +146,24 @@ def not_utf8(head: bytes) -> str | None:
     return None
 
 
+def what_to_do(why: str) -> str:
+    return ("if it is text in another encoding, convert it: iconv -f <encoding> -t utf-8" if why.startswith("not")
+            else "a binary file is rarely what a language model should read: pass text files")
+
+
 def warn_not_utf8(path: Path, head: bytes) -> None:
     """A warning naming a corpus file that is not UTF-8 text, and what to do; nothing for a text file."""
-    why = not_utf8(head)
-    if why is None:
-        return
-    todo = ("if it is text in another encoding, convert it: iconv -f <encoding> -t utf-8" if why.startswith("not")
-            else "a binary file is rarely what a language model should read: pass text files")
-    warnings.warn(f"corpus file {str(path)!r} is {why} in its first {SNIFF_BYTES} bytes; the model reads its bytes "
-                  f"as they are ({todo})", stacklevel=2)
+    if (why := not_utf8(head)) is not None:
+        warnings.warn(f"corpus file {str(path)!r} is {why} in its first {SNIFF_BYTES} bytes; the model reads its "
+                      f"bytes as they are ({what_to_do(why)})", stacklevel=2)
+
+
+def check_utf8(path: Path, head: bytes) -> None:
+    """`CorpusError` naming a single-file corpus that is not UTF-8 text, with what to do about it."""
+    if (why := not_utf8(head)) is not None:
+        raise CorpusError(f"corpus file {str(path)!r} is {why} in its first {SNIFF_BYTES} bytes; "
+                          f"{what_to_do(why)}, or pass allow_binary=True (--data.init_args.allow_binary=true) "
+                          "to train on its bytes as they are")
 
 
 def text_files(directory: str | os.PathLike) -> list[Path]:
@@ -455,9 +464,7 @@ def _build_from_gzip(source: Source, writer: CorpusWriter, show: bool) -> None:
     total = source.path.stat().st_size
     with open(source.path, "rb") as raw, progress_bar(source, total, "B", show and total >= PROGRESS_MIN_BYTES) as bar:
         blocks = _gunzipped_blocks(source, raw, bar)
-        first = next(blocks, b"")
-        warn_not_utf8(source.path, first[:SNIFF_BYTES])
-        writer.add_document(itertools.chain([first], blocks))
+        writer.add_document(blocks)
 
 
 # kind -> builder; datamodules.hf_text adds the Hugging Face kinds (datamodules/__init__ imports it)
@@ -562,28 +569,31 @@ def _is_leftover(path: Path) -> bool:
 # the public entry points
 
 
-def load_corpus(path: str | os.PathLike | None = None, text_column: str = "text") -> Tensor:
+def load_corpus(path: str | os.PathLike | None = None, text_column: str = "text", allow_binary: bool = False) -> Tensor:
     """The corpus at `path` (see the module docstring; `None` = the stdlib): a read-only 1-D uint8
     tensor over a memory map, built into the cache first if the source needs it.
 
-    Raises `ValueError` for a missing path, an empty corpus, or data that is not text.
+    Raises `ValueError` for a missing path, an empty corpus, or data that is not text (a single file
+    that is binary or not UTF-8 is read as it is with `allow_binary=True`).
     """
-    return open_source(find_source(path, text_column))
+    return open_source(find_source(path, text_column), allow_binary=allow_binary)
 
 
-def open_source(source: Source, *, leader: bool = True, show_progress: bool = True) -> Tensor:
+def open_source(source: Source, *, leader: bool = True, show_progress: bool = True,
+                allow_binary: bool = False) -> Tensor:
     """`load_corpus` for a `Source`. `leader`: this process should build the cache if several ask
     at once (local rank zero); `show_progress`: draw a bar while building a large source (rank zero)."""
     if source.kind == "file":
         if source.path.stat().st_size == 0:
             raise CorpusError(f"corpus is empty: {source.description} holds no bytes")
         data = map_file(source.path)
-        if show_progress:  # rank zero: one warning per run
-            warn_not_utf8(source.path, bytes(data[:SNIFF_BYTES].numpy()))
-        return data
-    entry = cache_entry(source)
-    build_once(entry, lambda tmp: build_corpus(source, tmp, show_progress), leader)
-    return map_file(entry / CORPUS_FILE)
+    else:
+        entry = cache_entry(source)
+        build_once(entry, lambda tmp: build_corpus(source, tmp, show_progress), leader)
+        data = map_file(entry / CORPUS_FILE)
+    if source.kind in ("file", "gzip") and not allow_binary:  # checked on every open: the cache may predate it
+        check_utf8(source.path, bytes(data[:SNIFF_BYTES].numpy()))
+    return data
 
 
 def cache_entry(source: Source) -> Path:
@@ -591,11 +601,12 @@ def cache_entry(source: Source) -> Path:
     return corpus_cache() / source.entry_name()
 
 
-def document_starts(path: str | os.PathLike | None = None, text_column: str = "text") -> np.ndarray:
+def document_starts(path: str | os.PathLike | None = None, text_column: str = "text",
+                    allow_binary: bool = False) -> np.ndarray:
     """Where each document (file, or data-set row) starts in `load_corpus(path, text_column)`: an
     ascending int64 array, memory-mapped from the cache (`[0]` for a single file, mapped in place)."""
     source = find_source(path, text_column)
-    open_source(source)
+    open_source(source, allow_binary=allow_binary)
     if source.kind == "file":
         return np.zeros(1, dtype=np.int64)
     return np.memmap(cache_entry(source) / DOC_STARTS_FILE, dtype="<i8", mode="r")

@@ -25,12 +25,11 @@ import math
 import os
 import stat
 import warnings
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -42,7 +41,7 @@ from torchvision.transforms import v2
 from hiertrans.io import atomic_directory, cache_dir
 
 from .image_sources import LabelledImages, check_source, has_split, open_split
-from .text import ShardSampler, _mix
+from .samplers import EpochShuffleSampler, ShardSampler, mix
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 DIGITS_CLASSES = [str(d) for d in range(10)]
@@ -278,54 +277,6 @@ def seeded_rng(seed: int | None, device: torch.device | None = None) -> Iterator
         yield
 
 
-class EpochShuffleSampler(DistributedSampler):
-    """Training order for a map-style data set: epoch e is a permutation seeded with (seed, e), sharded
-    over the ranks here (rank r takes positions r, r + W, ...; the shards padded to equal length by
-    repeating the first items, as `DistributedSampler` does) and resumable mid-epoch.
-
-    Yields `(epoch, i)` keys, so that the epoch reaches loader workers with each index (`SeededItems`).
-    It is a `DistributedSampler` so that Lightning does not wrap it (its wrapper would shuffle the
-    order again). Lightning calls `set_epoch` at every epoch start; `epoch_of` (e.g. the trainer's
-    `current_epoch`) overrides that number when given: after a restart from a checkpoint written at an
-    epoch's end, Lightning 2.6 passes one more than the epoch it runs. `start=k`: the first pass over
-    `epoch` begins at this rank's k-th item and puts the k already trained on at the end, where the
-    shortened epoch Lightning runs after a mid-epoch resume never reaches them (rotating, not
-    dropping, keeps `len()` and so Lightning's batch count).
-    """
-
-    def __init__(self, dataset: Sized, seed: int = 0, epoch: int = 0, start: int = 0, shuffle: bool = True,
-                 num_replicas: int | None = None, rank: int | None = None,
-                 epoch_of: Callable[[], int] | None = None) -> None:
-        initialised = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if initialised else 1
-        if rank is None:
-            rank = dist.get_rank() if initialised else 0
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        self.epoch, self.epoch_of = epoch, epoch_of
-        # a start at or past the end means the epoch was finished: nothing to skip
-        self.start, self.start_epoch = (start if 0 <= start < self.num_samples else 0), epoch
-
-    def shard(self, epoch: int) -> list[int]:
-        """This rank's indices of `epoch`, in order."""
-        n = len(self.dataset)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch))).tolist()
-        else:
-            order = list(range(n))
-        order = (order * math.ceil(self.total_size / n))[: self.total_size]
-        return order[self.rank : self.total_size : self.num_replicas]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch_of() if self.epoch_of is not None else self.epoch  # fixed for the whole pass
-        shard = self.shard(epoch)
-        start = self.start if epoch == self.start_epoch else 0
-        return ((epoch, i) for i in shard[start:] + shard[:start])
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
 class SeededItems(Dataset):
     """`dataset` indexed by `(epoch, i)` keys: item i, with every random draw of its transform made under
     the RNG seeded with (seed, epoch, i) (`seeded_rng`), whatever process loads it. Items are `(*item,
@@ -339,7 +290,7 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple:
         epoch, i = key
-        item_seed = _mix(self.seed, epoch, i)
+        item_seed = mix(self.seed, epoch, i)
         with seeded_rng(item_seed):
             return (*self.dataset[i], item_seed)
 
@@ -357,7 +308,7 @@ class SeededCollate:
 
     def __call__(self, batch: list[tuple]) -> tuple:
         images, targets, seeds = default_collate(batch)
-        seed = _mix(*seeds.tolist())
+        seed = mix(*seeds.tolist())
         if self.mix is not None:
             with seeded_rng(seed):
                 images, targets = self.mix.mix(images, targets)

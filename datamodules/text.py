@@ -11,6 +11,8 @@ Corpus sources (`path`, with `text_column` for Hugging Face data sets):
 - `None`: the Python standard library's own source (every `.py` file, sorted, no installed packages).
 - a file: its bytes, as they are; a `.gz` file is decompressed (once, into the cache). enwik8
   (exactly 100,000,000 bytes, or a name containing "enwik8") takes the standard 90/5/5 split.
+  A file that does not start as UTF-8 text (binary, another encoding) is an error naming it,
+  unless `allow_binary=True`.
 - a directory: every non-hidden file below it that looks like text, in sorted order.
 - a `Dataset.save_to_disk` folder, or a `.parquet`, `.jsonl` or `.arrow` file: the rows of
   `text_column`, UTF-8.
@@ -21,14 +23,13 @@ visible boundary that costs one byte); empty ones contribute nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence, Sized
+from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .corpus import (
     ENWIK8_BYTES,
@@ -46,6 +47,7 @@ from .corpus import (
     text_files,
     unpickle_state,
 )
+from .samplers import EpochSampler, EpochShuffleSampler, ShardSampler, mix
 
 # the corpus API lived here before datamodules.corpus: importers of datamodules.text keep working
 __all__ = ["ENWIK8_BYTES", "SNIFF_BYTES", "STDLIB_SKIP_DIRS", "ByteTextDataModule", "CorpusError", "EpochSampler",
@@ -54,15 +56,6 @@ __all__ = ["ENWIK8_BYTES", "SNIFF_BYTES", "STDLIB_SKIP_DIRS", "ByteTextDataModul
 
 # ---------------------------------------------------------------------------------------------
 # datasets and samplers
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from ints (splitmix64 steps; Python's hash() of a tuple may change between versions)."""
-    mask, h = (1 << 64) - 1, 0x9E3779B97F4A7C15
-    for v in values:
-        h = ((h ^ (v & mask)) * 0xBF58476D1CE4E5B9) & mask
-        h ^= h >> 31
-    return h >> 1
 
 
 class RandomCropDataset(Dataset):
@@ -93,7 +86,7 @@ class RandomCropDataset(Dataset):
     def offsets(self, epoch: int) -> Tensor:
         """Start positions of the epoch's crops (computed once per epoch and process)."""
         if self._offsets is None or self._offsets[0] != epoch:
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            g = torch.Generator().manual_seed(mix(self.seed, epoch))
             high = len(self.data) - self.seq_len  # last start whose crop still fits
             self._offsets = (epoch, torch.randint(high, (self.num_samples,), generator=g))
         return self._offsets[1]
@@ -105,38 +98,6 @@ class RandomCropDataset(Dataset):
         epoch, i = index if isinstance(index, tuple) else (self.epoch, index)
         start = int(self.offsets(epoch)[i])
         return self.data[start : start + self.seq_len + 1].long()
-
-
-class EpochSampler(Sampler):
-    """Yields `(epoch, i)` for i in range(num_samples), in order.
-
-    Lightning calls `set_epoch` at every epoch start (through the `DistributedSamplerWrapper` it
-    puts around this sampler under DDP, too). Carrying the epoch in the index, rather than setting
-    it on the dataset, reaches worker processes, persistent or not, without shared state.
-
-    Mid-epoch resume: Lightning 2.x restarts a map-style loader at the beginning of the epoch but
-    expects only the epoch's remaining batches. With `start=k` the first pass over `epoch` begins
-    at item k and puts the k items already trained on at the end, where the shortened epoch never
-    reaches them. Rotating instead of dropping keeps `len()` (and so Lightning's batch count) and,
-    under DDP, keeps every rank's shard exactly where it left off (rank r took items r, r + W, ...).
-    """
-
-    def __init__(self, num_samples: int, epoch: int = 0, start: int = 0):
-        self.num_samples, self.epoch = num_samples, epoch
-        # a start at or past the end means the epoch was finished: nothing to skip
-        self.start, self.start_epoch = (start if 0 <= start < num_samples else 0), epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch  # fixed for the whole pass
-        start = self.start if epoch == self.start_epoch else 0
-        order = [*range(start, self.num_samples), *range(start)]
-        return ((epoch, i) for i in order)
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 class WindowDataset(Dataset):
@@ -168,32 +129,6 @@ class WindowDataset(Dataset):
         return window
 
 
-class ShardSampler(DistributedSampler):
-    """In-order sharding without padding: rank r takes items r, r + world_size, r + 2 world_size, ...
-
-    Every item is seen exactly once across ranks (`DistributedSampler` pads by repeating items, which
-    would count some windows twice). It subclasses `DistributedSampler` only because Lightning
-    replaces any other sampler under DDP (`_DataConnector._requires_distributed_sampler`). Ranks may
-    get one batch more or less than each other: log validation metrics per epoch, not per step.
-    """
-
-    def __init__(self, dataset: Sized, num_replicas: int | None = None, rank: int | None = None):
-        initialised = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if initialised else 1
-        if rank is None:
-            rank = dist.get_rank() if initialised else 0
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.total_size = len(dataset)
-        self.num_samples = len(range(rank, self.total_size, num_replicas))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.total_size, self.num_replicas))
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
 # ---------------------------------------------------------------------------------------------
 # the datamodule
 
@@ -213,7 +148,8 @@ class ByteTextDataModule(LightningDataModule):
     model's) say otherwise. (Prefixed: Lightning refuses a data hyperparameter named like a
     different-valued one of the model, such as the validation sample's `temperature`.)
     See the module docstring for what `path` may be; `text_column` names the column of a Hugging
-    Face data set that holds the text. `data` is the whole corpus, `(num_bytes,)` uint8, read-only.
+    Face data set that holds the text; `allow_binary` reads a single file that is binary or not
+    UTF-8 as it is instead of refusing it. `data` is the whole corpus, `(num_bytes,)` uint8, read-only.
     """
 
     vocab_size: int = 256
@@ -235,6 +171,7 @@ class ByteTextDataModule(LightningDataModule):
         predict_temperature: float = 0.8,
         predict_top_k: int | None = 25,
         predict_top_p: float | None = None,
+        allow_binary: bool = False,
     ):
         super().__init__()
         if seq_len < 1:
@@ -271,6 +208,7 @@ class ByteTextDataModule(LightningDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.train_samples_per_epoch, self.num_workers, self.seed = train_samples_per_epoch, num_workers, seed
         self.prompt, self.pad_id, self.text_column = prompt, pad_id, text_column
+        self.allow_binary = allow_binary
         self.predict_length, self.temperature, self.top_k, self.top_p = predict_length, temperature, top_k, top_p
         self.data: Tensor | None = None
         self.train_bytes = self.val_bytes = self.test_bytes = 0
@@ -293,7 +231,8 @@ class ByteTextDataModule(LightningDataModule):
         source = find_source(self.path, self.text_column)
         # one process per machine builds a cache (others wait for it); only global rank zero draws its progress
         local_rank, global_rank = (getattr(self.trainer, name, 0) for name in ("local_rank", "global_rank"))
-        data = open_source(source, leader=local_rank == 0, show_progress=global_rank == 0)
+        data = open_source(source, leader=local_rank == 0, show_progress=global_rank == 0,
+                           allow_binary=self.allow_binary)
         enwik8 = is_enwik8(self.path, len(data))
         n_train, n_val, n_test = split_sizes(len(data), self.val_fraction, self.test_fraction, enwik8)
         need = self.seq_len + 1
@@ -329,18 +268,17 @@ class ByteTextDataModule(LightningDataModule):
             raise RuntimeError("ByteTextDataModule: call setup() before asking for a dataloader")
 
     def train_dataloader(self) -> DataLoader:
+        """The epoch's crops in order, sharded over ranks and resumable mid-epoch (`EpochShuffleSampler`:
+        after a resume it starts at this rank's first crop not yet trained on; `processed` because
+        ModelCheckpoint saves in on_train_batch_end, before the batch counts as completed)."""
         self._require_setup()
-        # Lightning calls set_epoch at each epoch start; starting from the trainer's epoch also
-        # covers the first epoch after resuming from a checkpoint (the iterator exists before that call)
-        epoch, start = 0, 0
-        if self.trainer is not None:
-            epoch = self.trainer.current_epoch
-            # batches of this epoch already trained on when resuming mid-epoch (0 otherwise); `processed`
-            # because ModelCheckpoint saves in on_train_batch_end, before the batch counts as `completed`
-            epoch_loop = getattr(getattr(self.trainer, "fit_loop", None), "epoch_loop", None)
-            done = epoch_loop.batch_progress.current.processed if epoch_loop is not None else 0
-            start = done * self.batch_size * getattr(self.trainer, "world_size", 1)
-        return self._loader(self.train_set, EpochSampler(len(self.train_set), epoch, start))
+        trainer = self.trainer
+        epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        done = epoch_loop.batch_progress.current.processed if epoch_loop is not None else 0
+        epoch_of = (lambda: trainer.current_epoch) if hasattr(trainer, "current_epoch") else None
+        sampler = EpochShuffleSampler(self.train_set, epoch=getattr(trainer, "current_epoch", 0) or 0,
+                                      start=done * self.batch_size, shuffle=False, epoch_of=epoch_of)
+        return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()

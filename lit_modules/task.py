@@ -159,6 +159,12 @@ class Task(LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step_seed = np.random.SeedSequence([self.run_seed, self.global_step, self.global_rank]).generate_state(1)
         torch.manual_seed(int(step_seed[0]))
+        # The loggers' step. Lightning 2.6 counts one too many after resuming from a checkpoint written at
+        # an epoch's end (its epoch loop applies its restart correction again in the next epoch), which
+        # leaves a gap in every curve; with one optimizer it is the optimizer step count.
+        epoch_loop = self.trainer.fit_loop.epoch_loop
+        if len(self.trainer.optimizers) == 1 and epoch_loop._batches_that_stepped != self.global_step:
+            epoch_loop._batches_that_stepped = self.global_step
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer(param_groups(self.net, no_decay=self.no_decay, layer_decay=self.layer_decay))

@@ -73,7 +73,7 @@ def test_a_file_is_mapped_in_place_read_only(tmp_path, isolated_cache):
 def test_datasets_pickle_a_reference_not_the_bytes(tmp_path):
     path = tmp_path / "big.txt"
     path.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
-    data = load_corpus(path)
+    data = load_corpus(path, allow_binary=True)
     for dataset in (WindowDataset(data[1000:], 16), RandomCropDataset(data[:5000], 16, num_samples=8)):
         blob = pickle.dumps(dataset)
         assert len(blob) < 2000  # what a spawned loader worker receives: a file reference
@@ -155,7 +155,7 @@ def test_builds_of_vanished_sources_are_pruned(tmp_path, isolated_cache):
 
 def test_gzip_is_decompressed_once(tmp_path, monkeypatch):
     path = tmp_path / "corpus.txt.gz"
-    payload = bytes(range(256)) * 100
+    payload = "naïve text\n".encode() * 3000
     path.write_bytes(gzip.compress(payload))
     assert bytes(load_corpus(path).tolist()) == payload
     corpus._MAPS.clear()
@@ -453,12 +453,21 @@ def test_cli_names_a_missing_column_in_one_line(run_cli, tmp_path, monkeypatch):
 
 
 def test_text_that_is_not_utf8_is_named_with_what_to_do(tmp_path):
-    """Single files are read byte for byte whatever they hold, with a warning when they do not start as
-    UTF-8 text; in a directory, binary files are left out by name, and empty files add nothing."""
+    """A single file that does not start as UTF-8 text is refused by name with what to do, unless
+    allow_binary (then read byte for byte); in a directory, binary files are left out by name, text in
+    another encoding is named in a warning, and empty files add nothing."""
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café crème\n".encode("latin-1") * 50)
-    with pytest.warns(UserWarning, match=r"latin1.txt' is not UTF-8: byte 0xe9 at offset 3 .*iconv"):
-        assert bytes(load_corpus(latin1).tolist()) == latin1.read_bytes()
+    with pytest.raises(ValueError, match=r"latin1.txt' is not UTF-8: byte 0xe9 at offset 3 .*iconv .*allow_binary"):
+        load_corpus(latin1)
+    assert bytes(load_corpus(latin1, allow_binary=True).tolist()) == latin1.read_bytes()
+    blob = tmp_path / "weights.gz"
+    blob.write_bytes(gzip.compress(b"\x93NUMPY\x01\x00" + bytes(100)))
+    with pytest.raises(ValueError, match=r"weights.gz' is binary: a NUL byte at offset 7 .*pass text files"):
+        load_corpus(blob)
+    assert load_corpus(blob, allow_binary=True).shape == (108,)
+    with pytest.raises(ValueError, match="is binary"):  # the cache built above does not bypass the check
+        load_corpus(blob)
     cut = tmp_path / "cut.txt"  # a multi-byte character cut by the 8 KiB sniff is still text
     cut.write_bytes(b"x" * (8192 - 1) + "é".encode() + b"tail")
     with warnings.catch_warnings():

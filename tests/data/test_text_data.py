@@ -13,6 +13,7 @@ import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.trainer.states import RunningStage
 
+from datamodules.samplers import EpochShuffleSampler
 from datamodules.text import (
     STDLIB_SKIP_DIRS,
     ByteTextDataModule,
@@ -25,7 +26,7 @@ from datamodules.text import (
     text_files,
 )
 
-CORPUS = bytes(range(256)) * 8 + "héllo wörld\n".encode() * 50  # every byte value, some UTF-8
+CORPUS = bytes(range(256)) * 8 + "héllo wörld\n".encode() * 50  # every byte value (allow_binary), some UTF-8
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def text_file(tmp_path) -> Path:
 
 
 def make_dm(path, **kwargs) -> ByteTextDataModule:
-    dm = ByteTextDataModule(str(path), **{"seq_len": 16, "batch_size": 4, **kwargs})
+    dm = ByteTextDataModule(str(path), **{"seq_len": 16, "batch_size": 4, "allow_binary": True, **kwargs})
     dm.setup("fit")
     return dm
 
@@ -219,7 +220,8 @@ class _Recorder(pl.LightningModule):
 
 def test_trainer_gives_each_epoch_its_crops_with_a_worker(text_file):
     # one persistent worker: the epoch must reach it through the sampler's indices
-    dm = ByteTextDataModule(str(text_file), seq_len=8, batch_size=4, train_samples_per_epoch=8, num_workers=1)
+    dm = ByteTextDataModule(str(text_file), seq_len=8, batch_size=4, train_samples_per_epoch=8, num_workers=1,
+                            allow_binary=True)
     model = _Recorder()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
@@ -267,10 +269,13 @@ def test_lightning_ddp_keeps_eval_samplers_and_shards_train(text_file):
     connector = trainer._data_connector
     val = dm.val_dataloader()
     assert connector._prepare_dataloader(val, shuffle=False, mode=RunningStage.VALIDATING) is val
-    train = connector._prepare_dataloader(dm.train_dataloader(), shuffle=True, mode=RunningStage.TRAINING)
-    assert train.sampler.num_replicas == 3
+    train = dm.train_dataloader()  # its sampler shards over the ranks itself, so Lightning must not wrap it
+    assert connector._prepare_dataloader(train, shuffle=True, mode=RunningStage.TRAINING) is train
     _set_sampler_epoch(train, 4)  # what the fit loop does at each epoch start
     assert {epoch for epoch, _ in train.sampler} == {4}
+    shards = [[i for _, i in EpochShuffleSampler(dm.train_set, shuffle=False, num_replicas=3, rank=r)]
+              for r in range(3)]
+    assert shards == [[0, 3, 6, 9], [1, 4, 7, 0], [2, 5, 8, 1]]  # in order; padded to equal shards as DDP needs
 
 
 # ---- prompt and text helpers

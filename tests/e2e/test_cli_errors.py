@@ -21,7 +21,7 @@ def fail(tmp_path: Path, monkeypatch, capsys, *args: str) -> str:
     with pytest.raises(SystemExit) as info:
         main(list(args))
     err = capsys.readouterr().err
-    assert info.value.code not in (0, None), err
+    assert info.value.code == 2, (info.value.code, err)
     assert "hiertrans: error:" in err and "Traceback" not in err, err
     message = err[err.index("hiertrans: error:"):]
     assert len(message.splitlines()) <= 4, message
@@ -267,6 +267,17 @@ def test_a_directory_of_binary_files_is_named(tmp_path, monkeypatch, capsys):
     err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "lm.yaml", *TINY_LM,
                f"--data.init_args.path={tmp_path / 'blobs'}")
     assert "no text files in directory" in err and "weights.bin" in err and "binary" in err
+
+
+def test_a_binary_or_non_utf8_file_is_named_with_what_to_do(tmp_path, monkeypatch, capsys):
+    (tmp_path / "weights.bin").write_bytes(b"\x00\x01" * 100)
+    (tmp_path / "latin1.txt").write_bytes("café crème\n".encode("latin-1") * 100)
+    err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "lm.yaml", *TINY_LM,
+               f"--data.init_args.path={tmp_path / 'weights.bin'}")
+    assert "weights.bin' is binary: a NUL byte at offset 0" in err and "allow_binary=true" in err
+    err = fail(tmp_path, monkeypatch, capsys, "fit", "--config", "lm.yaml", *TINY_LM,
+               f"--data.init_args.path={tmp_path / 'latin1.txt'}")
+    assert "latin1.txt' is not UTF-8: byte 0xe9" in err and "iconv" in err
 
 
 def test_ckpt_path_last_says_when_it_cannot_find_runs(tmp_path, monkeypatch, capsys):

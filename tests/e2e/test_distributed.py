@@ -208,29 +208,48 @@ def test_two_process_validation_equals_one_process(ddp_resumed, tmp_path):
 
 
 @pytest.fixture(scope="module")
+def ddp_uninterrupted(tmp_path_factory) -> Path:
+    """The same 4 steps on 2 ddp ranks without a stop."""
+    tmp = tmp_path_factory.mktemp("ddp_uninterrupted")
+    (tmp / "corpus.txt").write_text(inspect.getsource(json) * 2)
+    assert run_ranks(tmp, *LM, "--trainer.strategy=ddp", f"--trainer.max_steps={STEPS}") == [0, 0]
+    return tmp
+
+
+@pytest.mark.slow
+def test_ddp_lm_resumed_at_an_epoch_end_ends_as_an_uninterrupted_run(ddp_resumed, ddp_uninterrupted):
+    """Stopped after epoch 0's last step and resumed under ddp, the LM trains on the same crops in the same
+    order as a run never stopped: the same losses and bit-identical final weights."""
+    assert scalars(ddp_resumed / "runs", "train/loss") == scalars(ddp_uninterrupted / "runs", "train/loss")
+    assert_same_weights(weights(ddp_resumed / "runs/lm/version_0/checkpoints/last.ckpt"),
+                        weights(ddp_uninterrupted / "runs/lm/version_0/checkpoints/last.ckpt"))
+
+
+@pytest.fixture(scope="module")
 def lm_fsdp2(tmp_path_factory) -> Path:
-    """The same training under fsdp2: 2 steps, stop, then `--ckpt_path last` to step 4."""
+    """The same training under fsdp2: 1 step (mid-epoch), stop, then `--ckpt_path last` to step 4."""
     tmp = tmp_path_factory.mktemp("lm_fsdp2")
     (tmp / "corpus.txt").write_text(inspect.getsource(json) * 2)
     args = [*LM, "--trainer.strategy=fsdp2", "--trainer.callbacks+=test_distributed.RecordDecayGroups"]
-    assert run_ranks(tmp, *args, f"--trainer.max_steps={STOP}") == [0, 0]
-    assert torch.load(tmp / "runs/lm/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == STOP
+    assert run_ranks(tmp, *args, "--trainer.max_steps=1") == [0, 0]
+    assert torch.load(tmp / "runs/lm/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 1
     assert run_ranks(tmp, *args, f"--trainer.max_steps={STEPS}", "--ckpt_path", "last") == [0, 0]
     return tmp
 
 
 @pytest.mark.slow
-def test_fsdp2_lm_trains_checkpoints_and_resumes_as_ddp(ddp_resumed, lm_fsdp2):
-    """Per-block FSDP2 shards on 2 processes give DDP's losses (1e-5) step by step, through a checkpoint
-    (a full file: the default) and a resume, and end with DDP's weights. (Both stop and resume the same
-    way: an LM resume under DDP is not yet exact, see docs/cluster.md.)"""
-    fsdp2, ddp = scalars(lm_fsdp2 / "runs", "train/loss"), scalars(ddp_resumed / "runs", "train/loss")
+def test_fsdp2_lm_trains_checkpoints_and_resumes_as_ddp(ddp_uninterrupted, lm_fsdp2):
+    """Per-block FSDP2 shards on 2 processes, stopped mid-epoch and resumed from the checkpoint (a full
+    file: the default), give an uninterrupted DDP run's losses (1e-5) step by step and end with its
+    weights."""
+    fsdp2, ddp = scalars(lm_fsdp2 / "runs", "train/loss"), scalars(ddp_uninterrupted / "runs", "train/loss")
     assert len(fsdp2) == len(ddp) == STEPS and fsdp2.keys() == ddp.keys()
     for step in ddp:
         assert math.isclose(fsdp2[step], ddp[step], rel_tol=1e-5, abs_tol=1e-5), (step, fsdp2[step], ddp[step])
     last = lm_fsdp2 / "runs/lm/version_0/checkpoints/last.ckpt"
     assert last.is_file() and torch.load(last, weights_only=True)["global_step"] == STEPS
-    assert_same_weights(weights(last), weights(ddp_resumed / "runs/lm/version_0/checkpoints/last.ckpt"), atol=1e-5)
+    assert_same_weights(weights(last), weights(ddp_uninterrupted / "runs/lm/version_0/checkpoints/last.ckpt"),
+                        atol=1e-5)
     assert [p.name for p in (lm_fsdp2 / "runs/lm").iterdir()] == ["version_0"]  # the resume logged into the run
     groups = [json.loads((lm_fsdp2 / f"decay_groups.{r}.json").read_text()) for r in range(2)]
     assert groups[0] == groups[1] and groups[0]["decay"]["sharded"] and groups[0]["no_decay"]["sharded"]
