@@ -306,7 +306,6 @@ def next_token(logits: Tensor, temperature: float, k: int, p: float | None) -> T
     return gumbel_sample(logits)
 
 
-@torch.no_grad()
 def sample(model: nn.Module, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
            top_p: float | None = None, *, top_k: int | None = None, use_cache: bool | None = None,
            slide: int | None = None) -> Tensor:
@@ -352,22 +351,30 @@ def sample(model: nn.Module, prompt: Tensor, seq_len: int, temperature: float = 
     k = max(1, int((1 - filter_thres) * model.num_tokens)) if top_k is None else top_k
     was_training = model.training
     model.eval()
-    try:
-        start, cache = out.shape[1], None
-        for _ in range(seq_len):
-            if not use_cache:
-                logits = model(out[:, -context:])[:, -1]
-            elif cache is None or cache.length == context:  # the prompt, or a full context: (re)build
-                window = out if cache is None else out[:, -(context - slide + 1) :]
-                cache = model.init_cache()
-                logits = model.decode(window, cache)[:, -1]
-            else:
-                logits = model.decode(out[:, -1:], cache)[:, -1]
-            out = torch.cat((out, next_token(logits, temperature, k, top_p)[:, None].to(out.dtype)), dim=-1)
+    try:  # inference mode: no autograd or version-counter bookkeeping on the ~1,000 small ops of a token
+        with torch.inference_mode():
+            new = _sampling_loop(model, out, seq_len, temperature, k, top_p, use_cache, slide)
     finally:
         model.train(was_training)
-    out = out[:, start:]
-    return out[0] if squeeze else out
+    new = new.clone()  # a normal tensor for the caller (an inference tensor refuses in-place writes outside)
+    return new[0] if squeeze else new
+
+
+def _sampling_loop(model: nn.Module, out: Tensor, seq_len: int, temperature: float, k: int, top_p: float | None,
+                   use_cache: bool, slide: int) -> Tensor:
+    """`sample`'s loop: `out (b, t)` -> the `seq_len` tokens sampled after it."""
+    context, start, cache = model.seq_len, out.shape[1], None
+    for _ in range(seq_len):
+        if not use_cache:
+            logits = model(out[:, -context:])[:, -1]
+        elif cache is None or cache.length == context:  # the prompt, or a full context: (re)build
+            window = out if cache is None else out[:, -(context - slide + 1) :]
+            cache = model.init_cache()
+            logits = model.decode(window, cache)[:, -1]
+        else:
+            logits = model.decode(out[:, -1:], cache)[:, -1]
+        out = torch.cat((out, next_token(logits, temperature, k, top_p)[:, None].to(out.dtype)), dim=-1)
+    return out[:, start:]
 
 
 def cosine_sim_loss(x: Tensor, y: Tensor) -> Tensor:

@@ -6,8 +6,10 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoFormer) for `(..., n, dim_head)` queries and keys.
 
     Feature pairs (2i, 2i+1) rotate by angle `pos * base^(-2i/dim_head)`, applied as one complex
-    multiply (a single fused pass, forward and backward). The rotation table is cached per device,
-    grown to the longest length asked for (row p is the same whatever the table's length).
+    multiply in eager mode (a single pass, forward and backward) and in real arithmetic under
+    `torch.compile` (Inductor fuses it; it generates no code for complex ops). The rotation table,
+    `(n, dim_head / 2, 2)` (cos, sin) pairs, is cached per device, grown to the longest length asked
+    for (row p is the same whatever the table's length).
     """
 
     def __init__(self, dim_head: int, base: float = 10000.0):
@@ -19,12 +21,12 @@ class RotaryEmbedding(nn.Module):
         self._cache: tuple | None = None
 
     def rotation(self, n: int, device: torch.device) -> Tensor:
-        """`(n, dim_head / 2)` complex unit rotations of positions 0 .. n - 1."""
+        """`(n, dim_head / 2, 2)` rotations (cos, sin) of positions 0 .. n - 1."""
         if self._cache is None or self._cache[0] != device or self._cache[1].shape[0] < n:
             # while decoding, n grows by one a step: grow the table in doublings, not every step
             length = n if self._cache is None or self._cache[0] != device else max(n, 2 * self._cache[1].shape[0])
             angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), self.inv_freq.to(device))
-            self._cache = (device, torch.polar(torch.ones_like(angles), angles))
+            self._cache = (device, torch.stack((angles.cos(), angles.sin()), dim=-1))
         return self._cache[1][:n]
 
     def forward(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
@@ -38,8 +40,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: Tensor, rotation: Tensor) -> Tensor:
-    """Rotate feature pairs of `x (..., n, d)` by complex `rotation (n, d/2)`; computed in fp32."""
+    """Rotate feature pairs of `x (..., n, d)` by `rotation (n, d/2, 2)` (cos, sin); computed in fp32."""
+    if torch.compiler.is_compiling():  # real arithmetic: Inductor fuses it (it has no complex codegen)
+        cos, sin = rotation.unbind(-1)
+        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
     exact = x.dtype == torch.float32  # no cast ops to call (decoding runs dozens of these a token)
     pairs = torch.view_as_complex((x if exact else x.float()).unflatten(-1, (-1, 2)))
-    rotated = torch.view_as_real(pairs * rotation).flatten(-2)
+    rotated = torch.view_as_real(pairs * torch.view_as_complex(rotation)).flatten(-2)
     return rotated if exact else rotated.type_as(x)

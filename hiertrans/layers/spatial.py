@@ -145,7 +145,7 @@ class AxialRotaryEmbedding(nn.Module):
 
     def rotation(self, height: int, width: int, step: float = 1.0, offset: float = 0.0,
                  device: torch.device | None = None) -> Tensor:
-        """`(height * width, dim_head / 2)` complex unit rotations, row-major over the grid."""
+        """`(height * width, dim_head / 2, 2)` rotations (cos, sin), row-major over the grid."""
         device = device or self.inv_freq.device
         key = (height, width, step, offset, device)
         if key not in self._cache:
@@ -155,7 +155,7 @@ class AxialRotaryEmbedding(nn.Module):
             angles = torch.cat((torch.outer(rows, inv_freq)[:, None].expand(-1, width, -1),
                                 torch.outer(cols, inv_freq)[None].expand(height, -1, -1)), dim=-1)
             angles = angles.reshape(height * width, -1)
-            self._cache[key] = torch.polar(torch.ones_like(angles), angles)
+            self._cache[key] = torch.stack((angles.cos(), angles.sin()), dim=-1)
         return self._cache[key]
 
     def rotate(self, x: Tensor, height: int, width: int, step: float = 1.0, offset: float = 0.0) -> Tensor:

@@ -22,6 +22,7 @@ from hiertrans.hierarchical_configs import (
     pvt_v2_b0_config,
     register_token_mixer,
 )
+from hiertrans.layers.rotary import apply_rotary
 from hiertrans.layers.spatial import AxialRotaryEmbedding
 from hiertrans.vit import HierarchialViT, build_hierarchical_model
 
@@ -353,8 +354,7 @@ def test_axial_rotary_depends_on_the_2d_offset_only():
     rot = rotary.rotation(5, 5)
 
     def score(a, b):
-        return (torch.view_as_real(torch.view_as_complex(q.unflatten(-1, (-1, 2))) * rot[a]).flatten(-2)
-                * torch.view_as_real(torch.view_as_complex(k.unflatten(-1, (-1, 2))) * rot[b]).flatten(-2)).sum()
+        return (apply_rotary(q, rot[a]) * apply_rotary(k, rot[b])).sum()
 
     assert torch.allclose(score(1 * 5 + 2, 3 * 5 + 0), score(2 * 5 + 4, 4 * 5 + 2), atol=1e-5)
     assert not torch.allclose(score(1 * 5 + 2, 3 * 5 + 0), score(1 * 5 + 2, 0 * 5 + 3), atol=1e-3)
