@@ -154,17 +154,19 @@ def main() -> None:
                   f"{max(per_round):.2f}x), peak memory {fmt_ratio(peak[a], peak[b])}")
     print("s/step per round: " + "; ".join(f"{n} " + "/".join(f"{t:.2f}" for t in s) for n, s in seconds.items()))
 
-    peak_flops = matmul_peak_flops(torch.device(device))
+    peaks = {kernels: matmul_peak_flops(torch.device(device), kernels=kernels) for _, kernels, _ in variants}
     for pair in args.pairs:
         name = PAIRS[pair][0]
         step = make_train_step(name, False, False, args, device)
         step()
         with FlopCounterMode(display=False) as counter:
             step()
-        flops = counter.get_total_flops()
-        print(f"{name}: {flops / 1e9:.1f} GFLOP per step, {flops / median[name] / 1e9:.1f} GFLOP/s = "
-              f"{flops / median[name] / peak_flops:.0%} of this machine's fp32 matmul peak ({peak_flops / 1e9:.0f} "
-              f"GFLOP/s, F.linear)")
+        flops = counter.get_total_flops()  # the model's FLOPs: the same eager or compiled
+        for suffix, kernels, _ in variants:
+            rate, peak_flops = flops / median[name + suffix], peaks[kernels]
+            print(f"{name + suffix}: {flops / 1e9:.1f} GFLOP per step, {rate / 1e9:.1f} GFLOP/s = "
+                  f"{rate / peak_flops:.0%} of this machine's fp32 matmul peak ({peak_flops / 1e9:.0f} GFLOP/s, "
+                  f"{'F.linear or oneDNN' if kernels else 'F.linear'})")
     print(machine().rsplit("; ", 1)[-1] + " at the end")
 
 
