@@ -41,7 +41,7 @@ from torchvision.transforms import v2
 from hiertrans.io import atomic_directory, cache_dir
 
 from .image_sources import LabelledImages, check_source, has_split, open_split
-from .samplers import EpochShuffleSampler, ShardSampler, mix
+from .samplers import EpochShuffleSampler, ShardSampler, mix, resumable_sampler  # noqa: F401  (importable here as before)
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 DIGITS_CLASSES = [str(d) for d in range(10)]
@@ -671,15 +671,8 @@ class ImageDataModule(LightningDataModule):
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        """Seeded, resumable order (`EpochShuffleSampler`) and seeded augmentation (`SeededItems`). When
-        resuming mid-epoch, the sampler starts after the batches the checkpoint had trained on
-        (`processed`: ModelCheckpoint saves in on_train_batch_end, before the batch counts as completed)."""
-        trainer = self.trainer
-        epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-        done = epoch_loop.batch_progress.current.processed if epoch_loop is not None else 0
-        epoch_of = (lambda: trainer.current_epoch) if hasattr(trainer, "current_epoch") else None
-        sampler = EpochShuffleSampler(self.train_dataset, self.seed, getattr(trainer, "current_epoch", 0) or 0,
-                                      start=done * self.batch_size, epoch_of=epoch_of)
+        """Seeded order, resumable mid-epoch (`resumable_sampler`), and seeded augmentation (`SeededItems`)."""
+        sampler = resumable_sampler(self.train_dataset, self.trainer, self.batch_size, seed=self.seed)
         collate = SeededCollate(None if self.in_memory else self.mix, keep_seed=self.in_memory)
         return self._loader(SeededItems(self.train_dataset, self.seed), sampler, collate)
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-__all__ = ["EpochSampler", "EpochShuffleSampler", "ShardSampler", "mix"]
+__all__ = ["EpochSampler", "EpochShuffleSampler", "ShardSampler", "mix", "resumable_sampler"]
 
 
 def world() -> tuple[int, int]:
@@ -76,6 +76,18 @@ class EpochShuffleSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def resumable_sampler(dataset: Sized, trainer: object | None, batch_size: int, seed: int = 0,
+                      shuffle: bool = True) -> EpochShuffleSampler:
+    """A datamodule's training sampler: it starts at `trainer`'s epoch (none: epoch 0) and, when the run
+    resumes mid-epoch, after the batches this rank had trained on (`processed`, because ModelCheckpoint
+    saves in on_train_batch_end, before the batch counts as completed)."""
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    done = epoch_loop.batch_progress.current.processed if epoch_loop is not None else 0
+    epoch_of = (lambda: trainer.current_epoch) if hasattr(trainer, "current_epoch") else None
+    return EpochShuffleSampler(dataset, seed, getattr(trainer, "current_epoch", 0) or 0, start=done * batch_size,
+                               shuffle=shuffle, epoch_of=epoch_of)
 
 
 class EpochSampler(EpochShuffleSampler):

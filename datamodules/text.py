@@ -47,7 +47,7 @@ from .corpus import (
     text_files,
     unpickle_state,
 )
-from .samplers import EpochSampler, EpochShuffleSampler, ShardSampler, mix
+from .samplers import EpochSampler, ShardSampler, mix, resumable_sampler
 
 # the corpus API lived here before datamodules.corpus: importers of datamodules.text keep working
 __all__ = ["ENWIK8_BYTES", "SNIFF_BYTES", "STDLIB_SKIP_DIRS", "ByteTextDataModule", "CorpusError", "EpochSampler",
@@ -268,17 +268,11 @@ class ByteTextDataModule(LightningDataModule):
             raise RuntimeError("ByteTextDataModule: call setup() before asking for a dataloader")
 
     def train_dataloader(self) -> DataLoader:
-        """The epoch's crops in order, sharded over ranks and resumable mid-epoch (`EpochShuffleSampler`:
-        after a resume it starts at this rank's first crop not yet trained on; `processed` because
-        ModelCheckpoint saves in on_train_batch_end, before the batch counts as completed)."""
+        """The epoch's crops in order (they are random per epoch already), sharded over ranks and
+        resumable mid-epoch (`resumable_sampler`)."""
         self._require_setup()
-        trainer = self.trainer
-        epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-        done = epoch_loop.batch_progress.current.processed if epoch_loop is not None else 0
-        epoch_of = (lambda: trainer.current_epoch) if hasattr(trainer, "current_epoch") else None
-        sampler = EpochShuffleSampler(self.train_set, epoch=getattr(trainer, "current_epoch", 0) or 0,
-                                      start=done * self.batch_size, shuffle=False, epoch_of=epoch_of)
-        return self._loader(self.train_set, sampler)
+        return self._loader(self.train_set, resumable_sampler(self.train_set, self.trainer, self.batch_size,
+                                                              shuffle=False))
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()
