@@ -191,6 +191,7 @@ def _stats(files: Iterable[Path], root: Path) -> list[tuple[str, int, int]]:
 # repeated setup() shares it (and forked loader workers inherit it).
 _MAPS: dict[tuple[str, int, int], Tensor] = {}
 _MAP_KEYS: dict[int, tuple[str, int, int]] = {}  # storage address -> key, to pickle views by reference
+_BUFFERS: dict[tuple[str, int, int], mmap.mmap] = {}
 
 
 def map_file(path: str | os.PathLike) -> Tensor:
@@ -207,12 +208,27 @@ def map_file(path: str | os.PathLike) -> Tensor:
             raise ValueError(f"cannot map the empty file {str(path)!r}")
         with open(path, "rb") as f:
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the map outlives the descriptor
+        if hasattr(mmap, "MADV_RANDOM"):
+            buffer.madvise(mmap.MADV_RANDOM)  # random crops: read no neighbouring pages ahead from disk
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": read-only on purpose
             data = torch.frombuffer(buffer, dtype=torch.uint8)
-        _MAPS[key] = data
+        _MAPS[key], _BUFFERS[key] = data, buffer
         _MAP_KEYS[data.untyped_storage().data_ptr()] = key
     return _MAPS[key]
+
+
+def release_pages(data: Tensor) -> None:
+    """Unmap the pages of `data`'s mapped file that this process has touched from its resident set.
+
+    They stay in the kernel's page cache (shared, reclaimable) and the next read maps them again
+    with a minor fault. Random crops need it: each maps a whole page-cache folio (up to 2 MiB on
+    recent kernels) into the process, so its RSS would otherwise grow by that per crop until the
+    whole corpus counted as resident. A no-op for tensors that are not mapped files.
+    """
+    buffer = _BUFFERS.get(_MAP_KEYS.get(data.untyped_storage().data_ptr()))
+    if buffer is not None and hasattr(mmap, "MADV_DONTNEED"):
+        buffer.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass(frozen=True)

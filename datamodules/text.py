@@ -42,6 +42,7 @@ from .corpus import (
     load_corpus,
     open_source,
     pickle_state,
+    release_pages,
     split_sizes,
     stdlib_files,
     text_files,
@@ -56,6 +57,8 @@ __all__ = ["ENWIK8_BYTES", "SNIFF_BYTES", "STDLIB_SKIP_DIRS", "ByteTextDataModul
 
 # ---------------------------------------------------------------------------------------------
 # datasets and samplers
+
+RELEASE_EVERY = 16  # crops between two `release_pages`: at most 16 page-cache folios mapped per process
 
 
 class RandomCropDataset(Dataset):
@@ -72,6 +75,7 @@ class RandomCropDataset(Dataset):
         self.data, self.seq_len, self.num_samples, self.seed = data, seq_len, num_samples, seed
         self.epoch = 0
         self._offsets: tuple[int, Tensor] | None = None  # (epoch, offsets) of the last epoch asked for
+        self._crops_since_release = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -97,7 +101,12 @@ class RandomCropDataset(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> Tensor:
         epoch, i = index if isinstance(index, tuple) else (self.epoch, index)
         start = int(self.offsets(epoch)[i])
-        return self.data[start : start + self.seq_len + 1].long()
+        crop = self.data[start : start + self.seq_len + 1].long()
+        self._crops_since_release += 1
+        if self._crops_since_release == RELEASE_EVERY:  # keep the mapped pages resident here bounded
+            release_pages(self.data)
+            self._crops_since_release = 0
+        return crop
 
 
 class WindowDataset(Dataset):

@@ -91,6 +91,27 @@ def test_a_changed_file_is_not_served_from_a_stale_map(tmp_path):
     assert bytes(load_corpus(path).tolist()) == b"new contents, longer"
 
 
+def resident_file_kib() -> int:
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from Linux's /proc")
+def test_random_crops_keep_the_mapped_corpus_out_of_the_resident_set(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"0123456789abcdef" * (4 << 20))  # 64 MiB, in the page cache after the write
+    data = load_corpus(path)
+    before = resident_file_kib()
+    data.sum()  # every page mapped into this process
+    assert resident_file_kib() - before > 48 << 10
+    corpus.release_pages(data[5:])  # any view of the map releases it
+    assert resident_file_kib() - before < 8 << 10
+    crops = RandomCropDataset(data, 256, num_samples=2000)
+    samples = [crops[i] for i in range(2000)]  # released every few crops: not a page-cache folio per crop
+    assert resident_file_kib() - before < 8 << 10
+    assert bytes(samples[7][:4].tolist()) in (b"0123456789abcdef" * 2)
+
+
 # ---- byte corpora: the build cache
 
 
