@@ -7,9 +7,10 @@
 Targets and what measures them:
 - memory: `python -m hiertrans fit --config lm.yaml --data.init_args.path big.txt --trainer.max_steps 5`
   on a 3 GiB text file stays under 1.5 GiB peak RSS (the process and any children, sampled every
-  0.1 s with psutil); `ddp`: the same on two DDP ranks adds no second copy of the corpus (the sum of
-  the ranks' unique memory (USS) and proportional memory (PSS), and their anonymous memory, against
-  the one-process run).
+  0.1 s with psutil), and again with `--model.init_args.grad_checkpointing=true` (the training
+  step's activations recomputed in the backward instead of kept); `ddp`: the same on two DDP ranks
+  adds no second copy of the corpus (the sum of the ranks' unique memory (USS) and proportional
+  memory (PSS), and their anonymous memory, against the one-process run).
 - startup: a 10 GiB corpus (a directory of 1 GiB files, so it goes through the cache) reaches its
   first training step within 10 s once the cache exists: the CLI run is timed from process start
   to the first `on_train_batch_start` (a callback of this file), after a first run that built the cache.
@@ -182,8 +183,9 @@ def first_step_seconds(stdout: str) -> float | None:
 # the parts
 
 
-def bench_memory(work: Path, env: dict, corpus: Path, ddp: bool) -> dict:
-    args = ["fit", "--config", "lm.yaml", f"--data.init_args.path={corpus}", "--trainer.max_steps=5", *CLI_SHORT]
+def bench_memory(work: Path, env: dict, corpus: Path, ddp: bool, *extra: str) -> dict:
+    args = ["fit", "--config", "lm.yaml", f"--data.init_args.path={corpus}", "--trainer.max_steps=5", *CLI_SHORT,
+            *extra]
     if ddp:
         args += ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
@@ -350,6 +352,11 @@ def main() -> None:
                 key = f"{part}_{'2_ranks' if ddp else '1_process'}_{corpus.stem}"
                 results[key] = bench_memory(work, env, corpus, ddp=ddp)
                 print(f"memory, {'2 DDP ranks' if ddp else '1 process'}, {name}:", json.dumps(results[key]),
+                      flush=True)
+            if not ddp:  # the training step's share: the same run with the blocks recomputed in the backward
+                key = f"memory_1_process_{big.stem}_grad_checkpointing"
+                results[key] = bench_memory(work, env, big, False, "--model.init_args.grad_checkpointing=true")
+                print(f"memory, 1 process, {args.rss_gib:g} GiB corpus, grad_checkpointing:", json.dumps(results[key]),
                       flush=True)
         if "loader" in args.only:
             results["loader"] = bench_loader(big, args.loader_batches)

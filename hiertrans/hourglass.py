@@ -28,6 +28,7 @@ from .layers import (
     BlockCache,
     CausalBlock,
     FeedForward,
+    GradCheckpointing,
     KVCache,
     RMSNorm,
     RotaryEmbedding,
@@ -193,7 +194,7 @@ class HourglassCache:
     length: int = 0
 
 
-class HourglassTransformer(nn.Module, HubMixin, Generates):
+class HourglassTransformer(nn.Module, HubMixin, Generates, GradCheckpointing):
     """Hourglass language model (Nawrot et al. 2021): `ids (b, n) -> logits (b, n, num_tokens)`.
 
     The hierarchy is `depths` and `shorten_factors`: `depths` lists the layers from the outside

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .hub import HubMixin
-from .layers import BlockCache, CausalBlock, RMSNorm, check_token_ids
+from .layers import BlockCache, CausalBlock, GradCheckpointing, RMSNorm, check_token_ids
 
 IntOrTuple = int | Sequence[int]
 
@@ -397,7 +397,7 @@ class Generates:
                       slide=slide)
 
 
-class HierarchicalTransformer(nn.Module, HubMixin, Generates):
+class HierarchicalTransformer(nn.Module, HubMixin, Generates, GradCheckpointing):
     """Hierarchical transformer language model: `ids (b, n) -> logits (b, n, num_tokens)`.
 
     Args mirror simple-hierarchical-transformer. `dim`, `dim_head`, `heads`, `ff_mult`,

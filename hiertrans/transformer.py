@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hub import HubMixin
-from .layers import BlockCache, CausalBlock, RMSNorm, check_token_ids
+from .layers import BlockCache, CausalBlock, GradCheckpointing, RMSNorm, check_token_ids
 from .lm import Generates, check_continuation, next_token_targets
 
 
@@ -22,7 +22,7 @@ class TransformerCache:
     length: int = 0
 
 
-class Transformer(nn.Module, HubMixin, Generates):
+class Transformer(nn.Module, HubMixin, Generates, GradCheckpointing):
     """Flat causal pre-norm transformer language model: `ids (b, n) -> logits (b, n, num_tokens)`.
 
     token embedding -> `depth` x [`x + attn(norm(x))`, `x + ff(norm(x))`] -> RMSNorm -> logits.

@@ -53,8 +53,9 @@ class LanguageModel(Task):
         sample_length: int = 256,
         temperature: float = 0.8,
         filter_thres: float = 0.9,
+        grad_checkpointing: bool = False,
     ):
-        super().__init__(net, optimizer, scheduler, compile)
+        super().__init__(net, optimizer, scheduler, compile, grad_checkpointing=grad_checkpointing)
         for name in ("seq_len", "num_tokens"):
             if not isinstance(getattr(net, name, None), int):
                 raise TypeError(f"the language model's net must have an int attribute {name!r} "

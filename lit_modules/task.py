@@ -75,13 +75,16 @@ class Task(LightningModule):
     the network's forward and backward on one training batch's input (`example_input`), counted on
     meta tensors (`count_flops`), so the monitor logs FLOPs/s and, on GPUs it knows, MFU.
 
+    `grad_checkpointing`: `net.set_grad_checkpointing()`, recomputing its blocks in the backward
+    instead of keeping their activations (less memory, about a third more compute).
+
     Randomness inside the network (dropout, drop-path) is drawn from the global RNG seeded at every
     training step with (the run's seed, step, rank): a run resumed from a checkpoint draws what the
     uninterrupted run drew (Lightning does not save RNG states), and DDP ranks draw different masks.
     """
 
     def __init__(self, net: nn.Module, optimizer: Any, scheduler: Any = None, compile: bool = False,
-                 layer_decay: float | None = None) -> None:
+                 layer_decay: float | None = None, grad_checkpointing: bool = False) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module (model.init_args.net.class_path), got {type(net).__name__}")
@@ -90,6 +93,11 @@ class Task(LightningModule):
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1] or None (off), got {layer_decay!r}")
         self.layer_decay = layer_decay
+        if grad_checkpointing:
+            if not callable(getattr(net, "set_grad_checkpointing", None)):
+                raise TypeError(f"grad_checkpointing=True needs a net with set_grad_checkpointing() (timm's API; every "
+                                f"hiertrans model has it); {type(net).__name__} has none")
+            net.set_grad_checkpointing(True)
         self.no_decay = no_weight_decay_names(net)  # now: an FSDP wrap would hide the shapes
         self.flops_per_batch: int | None = None  # read by ThroughputMonitor at every step
 

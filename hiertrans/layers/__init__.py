@@ -5,7 +5,7 @@ the sliding-window layout) live in `hiertrans.cpu_kernels`, switched on per mode
 """
 
 from .attention import Attention, attend, attention_probs, local_attend, merge_heads, split_heads, with_previous_block
-from .block import CausalBlock
+from .block import CausalBlock, GradCheckpointing
 from .cache import BlockCache, KVCache
 from .checks import check_token_ids, debug_enabled, set_debug
 from .drop import DropPath, drop_path, linear_drop_path_rates
@@ -20,6 +20,7 @@ __all__ = [
     "CausalBlock",
     "DropPath",
     "FeedForward",
+    "GradCheckpointing",
     "KVCache",
     "RMSNorm",
     "RotaryEmbedding",
