@@ -12,8 +12,14 @@ a process of its own (`bench.common.StepWorker`), timed alternately round by rou
 - ours (cached): `generate` on the key/value caches: the prompt once, then one position per byte;
   past the 256-byte context it drops the oldest 64 bytes and rebuilds the cache from the rest.
 - ours (uncached): `generate(..., use_cache=False)`: the whole context (the last 256 bytes) per byte.
+- ours (cached, compiled): the same with `compile=True`: the one-byte decode step through
+  `torch.compile` (prompts stay eager); its compilation happens in the worker's warm-up (a
+  generation past the context, so that every phase and the sliding are compiled) and is printed,
+  not timed.
 - reference: `simple_hierarchical_transformer.HierarchicalTransformer.generate`, which runs the
   whole context per byte too.
+- reference (compiled), with `--compiled-reference`: its `forward` through
+  `torch.compile(dynamic=True)` (every context length a symbolic size), warmed up the same way.
 
 The uncached loops cost the same per byte once the context is full, so they are timed at 256 new
 bytes and at 256 + `--tail` (a sample of full-context steps), and their times at 1,024 and 4,096
@@ -25,6 +31,7 @@ import inspect
 import json.decoder
 import statistics
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -37,12 +44,13 @@ from hiertrans import HierarchicalTransformer  # noqa: E402
 LM_YAML = dict(num_tokens=256, dim=128, depth=4, seq_len=256, heads=4, dim_head=32, ff_mult=4, hierarchies=(1, 2),
                window_sizes=(32, None), hierarchical_stride=1)
 SAMPLING = dict(temperature=1.0, filter_thres=0.9)
-CONTENDERS = ("ours (cached)", "ours (uncached)", "reference")
+CONTENDERS = ("ours (cached)", "ours (cached, compiled)", "ours (uncached)", "reference")
+CACHED = ("ours (cached)", "ours (cached, compiled)")  # timed at every length; the others extrapolated
 
 
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    if name == "reference":
+    if name.startswith("reference"):
         from simple_hierarchical_transformer import HierarchicalTransformer as Reference
 
         return Reference(**LM_YAML).eval()
@@ -57,13 +65,23 @@ def prompt(batch: int, length: int) -> torch.Tensor:
 def make_generate(name: str, new: int, batch: int, prompt_len: int):
     """Runs in a worker process: one call generates `new` bytes after the prompt."""
     model, ids = build(name), prompt(batch, prompt_len)
-    options = dict(use_cache=False) if name == "ours (uncached)" else {}
+    options = {"ours (uncached)": dict(use_cache=False), "ours (cached, compiled)": dict(compile=True)}.get(name, {})
+    warmup = 8
+    if "compiled" in name:  # compile every phase and the sliding context now, not in a timed call
+        warmup = new + LM_YAML["seq_len"]
+        if name == "reference (compiled)":
+            model.forward = torch.compile(model.forward, dynamic=True)
 
     def generate():
         torch.manual_seed(0)
-        return model.generate(ids, new, **SAMPLING, **options)
+        with torch.no_grad():  # the reference's generate does not turn autograd off itself
+            return model.generate(ids, new, **SAMPLING, **options)
 
-    model.generate(ids, 8, **SAMPLING, **options)  # warm-up: allocator, caches
+    start = time.perf_counter()
+    generate() if warmup == new else model.generate(ids, warmup, **SAMPLING, **options)  # warm-up
+    if "compiled" in name:
+        print(f"  {name}, batch {batch}, {new} new bytes: warm-up with compilation {time.perf_counter() - start:.0f} s",
+              flush=True)
     return generate
 
 
@@ -75,6 +93,8 @@ def main() -> None:
     parser.add_argument("--tail", type=int, default=64, help="full-context steps timed for the uncached loops")
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--compiled-reference", action="store_true",
+                        help="also time the reference with its forward compiled (slow to compile)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,8 +106,9 @@ def main() -> None:
 
     # (contender, batch, new bytes) -> worker; the uncached loops at 256 and 256 + tail only
     uncached_lengths = sorted({min(n, context) for n in args.new} | {context + args.tail})
-    jobs = [(name, batch, new) for batch in args.batch for name in CONTENDERS
-            for new in (args.new if name == "ours (cached)" else uncached_lengths)]
+    contenders = CONTENDERS + (("reference (compiled)",) if args.compiled_reference else ())
+    jobs = [(name, batch, new) for batch in args.batch for name in contenders
+            for new in (args.new if name in CACHED else uncached_lengths)]
     workers = {job: StepWorker(partial(make_generate, job[0], job[2], job[1], args.prompt_len), "cpu",
                                args.threads, warmup=0) for job in jobs}
     seconds: dict[tuple, list[float]] = {job: [] for job in jobs}
@@ -105,15 +126,20 @@ def main() -> None:
         at_context, longer = median[(name, batch, context)], median[(name, batch, context + args.tail)]
         return at_context + (new - context) * (longer - at_context) / args.tail, True
 
-    print(f"\n{'batch':>5} {'new bytes':>9} {'contender':<17}{'seconds':>10}{'new bytes/s':>13}{'cached / this':>15}")
+    print(f"\n{'batch':>5} {'new bytes':>9} {'contender':<24}{'seconds':>10}{'new bytes/s':>13}{'cached / this':>15}")
     for batch in args.batch:
         for new in args.new:
             cached, _ = estimate("ours (cached)", batch, new)
-            for name in CONTENDERS:
+            compiled, _ = estimate("ours (cached, compiled)", batch, new)
+            for name in contenders:
                 s, extrapolated = estimate(name, batch, new)
                 mark = " (extrapolated)" if extrapolated else ""
-                ratio = "" if name == "ours (cached)" else f"{s / cached:.1f}x"
-                print(f"{batch:>5} {new:>9} {name:<17}{s:>10.2f}{batch * new / s:>13.0f}{ratio:>15}{mark}")
+                # eager against eager, compiled against compiled (the compiled reference, else the eager one)
+                mine = compiled if name == "reference (compiled)" else cached
+                ratio = "" if name in CACHED else f"{s / mine:.1f}x"
+                if name == "reference" and not args.compiled_reference:
+                    ratio += f" (compiled ours: {s / compiled:.1f}x)"
+                print(f"{batch:>5} {new:>9} {name:<24}{s:>10.2f}{batch * new / s:>13.0f}{ratio:>15}{mark}")
     print("\nper round (s): " + "; ".join(f"{n} b{b} {k}: " + "/".join(f"{t:.2f}" for t in seconds[(n, b, k)])
                                          for n, b, k in jobs))
     print(machine().rsplit("; ", 1)[-1] + " at the end")

@@ -9,7 +9,7 @@ the next token. Strict causality holds throughout: logits at position t depend o
 einops notation: b batch, n tokens, a axial factor (compression / stride), d feature dim.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 
@@ -92,7 +92,10 @@ def causal_windows(x: Tensor, size: int, step: int, history: Tensor | None = Non
 
 def newest(latest: Tensor | None, new: Tensor) -> Tensor | None:
     """The newest compressed token: the last of `new (b, m, d)`, or `latest` when m = 0."""
-    return new[:, -1:] if new.shape[1] else latest
+    if not new.shape[1]:
+        return latest
+    # compiled decoding: a copy, not a view whose offset into `new` torch.compile would guard on
+    return new[:, -1:].clone(memory_format=torch.contiguous_format) if torch.compiler.is_compiling() else new[:, -1:]
 
 
 def check_continuation(ids: Tensor, length: int, num_tokens: int, seq_len: int) -> None:
@@ -308,7 +311,7 @@ def next_token(logits: Tensor, temperature: float, k: int, p: float | None) -> T
 
 def sample(model: nn.Module, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
            top_p: float | None = None, *, top_k: int | None = None, use_cache: bool | None = None,
-           slide: int | None = None) -> Tensor:
+           slide: int | None = None, compile: bool | dict = False) -> Tensor:
     """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`, t <= `model.seq_len`) from any
     causal LM `ids (b, n) -> logits (b, n, num_tokens)` with `num_tokens` and `seq_len` attributes
     (`hiertrans.protocols.CausalLM`). Returns the new tokens only: `(b, seq_len)` or `(seq_len,)`.
@@ -325,6 +328,11 @@ def sample(model: nn.Module, prompt: Tensor, seq_len: int, temperature: float = 
     dropped and the cache is rebuilt from the rest, so each token sees between `seq_len - slide`
     and `seq_len` (`slide=1`: the uncached loop exactly, at its cost). Runs in eval mode and
     restores the training flag afterwards.
+
+    `compile` (with the cache): the one-token decode step runs through `torch.compile` (True, or a
+    dict of its options such as `{"mode": "max-autotune"}`); prompts stay eager. The caches keep
+    their shapes from step to step under compilation, so it compiles a few graphs once per model
+    (one per phase of the hierarchies' strides and sub-sequences) and reuses them in later calls.
     """
     context = model.seq_len
     if not 0.0 <= filter_thres < 1.0:
@@ -340,11 +348,15 @@ def sample(model: nn.Module, prompt: Tensor, seq_len: int, temperature: float = 
     slide = max(1, context // 4) if slide is None else slide
     if not isinstance(slide, int) or not 1 <= slide <= context:
         raise ValueError(f"slide must be an int in [1, seq_len={context}], got {slide!r}")
+    if not isinstance(compile, (bool, dict)):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
     incremental = hasattr(model, "init_cache") and hasattr(model, "decode")
     if use_cache and not incremental:
         raise TypeError(f"use_cache=True needs a model with init_cache() and decode(ids, cache); "
                         f"{type(model).__name__} has none (use_cache=False runs the whole context per token)")
     use_cache = incremental if use_cache is None else use_cache
+    if compile is not False and not use_cache:
+        raise ValueError("compile compiles the cached decode step; it needs use_cache (and a model with decode)")
     squeeze = prompt.ndim == 1
     out = prompt[None] if squeeze else prompt
     check_token_ids(out, model.num_tokens, context, values=True)  # eager: one sync per call is nothing
@@ -353,7 +365,10 @@ def sample(model: nn.Module, prompt: Tensor, seq_len: int, temperature: float = 
     model.eval()
     try:  # inference mode: no autograd or version-counter bookkeeping on the ~1,000 small ops of a token
         with torch.inference_mode():
-            new = _sampling_loop(model, out, seq_len, temperature, k, top_p, use_cache, slide)
+            step = None
+            if compile is not False:  # dynamic: the batch size and the positions are symbolic from the start
+                step = torch.compile(model.decode, **{"dynamic": True, **({} if compile is True else compile)})
+            new = _sampling_loop(model, out, seq_len, temperature, k, top_p, use_cache, slide, step)
     finally:
         model.train(was_training)
     new = new.clone()  # a normal tensor for the caller (an inference tensor refuses in-place writes outside)
@@ -361,8 +376,10 @@ def sample(model: nn.Module, prompt: Tensor, seq_len: int, temperature: float = 
 
 
 def _sampling_loop(model: nn.Module, out: Tensor, seq_len: int, temperature: float, k: int, top_p: float | None,
-                   use_cache: bool, slide: int) -> Tensor:
-    """`sample`'s loop: `out (b, t)` -> the `seq_len` tokens sampled after it."""
+                   use_cache: bool, slide: int, step: Callable | None = None) -> Tensor:
+    """`sample`'s loop: `out (b, t)` -> the `seq_len` tokens sampled after it; `step`: what decodes
+    one token (default `model.decode`)."""
+    step = step or getattr(model, "decode", None)
     context, start, cache = model.seq_len, out.shape[1], None
     for _ in range(seq_len):
         if not use_cache:
@@ -372,7 +389,7 @@ def _sampling_loop(model: nn.Module, out: Tensor, seq_len: int, temperature: flo
             cache = model.init_cache()
             logits = model.decode(window, cache)[:, -1]
         else:
-            logits = model.decode(out[:, -1:], cache)[:, -1]
+            logits = step(out[:, -1:].clone(), cache)[:, -1]  # a fresh (b, 1): the same strides every step
         out = torch.cat((out, next_token(logits, temperature, k, top_p)[:, None].to(out.dtype)), dim=-1)
     return out[:, start:]
 
@@ -387,14 +404,15 @@ class Generates:
 
     def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
                  top_p: float | None = None, *, top_k: int | None = None, use_cache: bool | None = None,
-                 slide: int | None = None) -> Tensor:
+                 slide: int | None = None, compile: bool | dict = False) -> Tensor:
         """Sample `seq_len` tokens after `prompt` (`(b, t)` or `(t,)`): greedy at `temperature=0`,
         else top-k (`filter_thres`, or `top_k` tokens) and top-p sampling, on the key/value caches
         of `decode` (`use_cache=False`: the whole context per token; `slide`: how the context moves
-        past `seq_len`). `hiertrans.lm.sample` describes each option. Runs in eval mode and restores
+        past `seq_len`; `compile`: the decode step through `torch.compile`). `hiertrans.lm.sample`
+        describes each option. Runs in eval mode and restores
         the training flag afterwards. Returns the new tokens only."""
         return sample(self, prompt, seq_len, temperature, filter_thres, top_p, top_k=top_k, use_cache=use_cache,
-                      slide=slide)
+                      slide=slide, compile=compile)
 
 
 class HierarchicalTransformer(nn.Module, HubMixin, Generates, GradCheckpointing):

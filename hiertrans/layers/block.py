@@ -68,7 +68,8 @@ class CausalBlock(nn.Module):
         if not isinstance(self.shift, TokenShift):
             return x
         shifted = token_shift(x, cache.previous.get(sublayer))
-        cache.previous[sublayer] = x[:, -1:]
+        # a copy with standard strides, whatever x's: the same strides every step (torch.compile guards on them)
+        cache.previous[sublayer] = x[:, -1:].clone(memory_format=torch.contiguous_format)
         return shifted
 
 

@@ -4,6 +4,7 @@ Plain tensors and slice writes, on any device. A cache is filled either by one c
 prompt (the prefill) or one position at a time after it; the models check which.
 """
 
+import torch
 from torch import Tensor
 
 
@@ -44,6 +45,19 @@ class KVCache:
         write_ring(self.store, kv[..., n - keep :, :], (self.length + n - keep) % self.capacity)
         self.length += n
         return self.store[..., : min(self.length, self.capacity), :].unbind(1)
+
+    def step(self, kv: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """`update` with one new position `kv (b, 2, h, 1, d)` after the prefill -> `(keys, values,
+        mask)`. Eager: the filled slots and no mask. Under `torch.compile`: every slot and a boolean
+        mask `(1, 1, 1, capacity)` of the filled ones, so that no shape depends on the position and one graph
+        serves every step (the position itself becomes a symbolic int after the first recompile)."""
+        if not torch.compiler.is_compiling():
+            return *self.update(kv), None
+        slot = self.length % self.capacity
+        self.store[..., slot : slot + 1, :] = kv
+        self.length += 1
+        filled = torch.arange(self.capacity, device=kv.device) < torch.sym_min(self.length, self.capacity)
+        return *self.store.unbind(1), filled[None, None, None]  # 4-D: SDPA's fused CPU kernel
 
 
 class BlockCache:

@@ -36,6 +36,9 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, x: Tensor, offset: int = 0) -> Tensor:
         """Rotate `x (..., n, dim_head)` (queries and keys stacked, say) at positions `offset ..`."""
+        if torch.compiler.is_compiling() and x.shape[-2] == 1:  # decoding: no table, whose growth would recompile
+            angles = (offset * self.inv_freq)[None]  # what the table's row `offset` holds
+            return apply_rotary(x, torch.stack((angles.cos(), angles.sin()), dim=-1))
         return apply_rotary(x, self.rotation(offset + x.shape[-2], x.device)[offset:])
 
 

@@ -118,6 +118,8 @@ def sample_from(logits: torch.Tensor, **kwargs) -> torch.Tensor:
         (dict(filter_thres=1.0), ValueError, r"filter_thres must be in \[0, 1\)"),
         (dict(slide=0), ValueError, r"slide must be an int in \[1, seq_len=24\]"),
         (dict(slide=25), ValueError, r"slide must be an int in \[1, seq_len=24\]"),
+        (dict(compile="yes"), TypeError, "compile must be a bool or a dict of torch.compile options, got 'yes'"),
+        (dict(compile=True, use_cache=False), ValueError, "compile compiles the cached decode step"),
     ],
 )
 def test_invalid_sampling_options(kwargs, error, match):
@@ -146,3 +148,24 @@ def test_decode_misuse_and_models_without_a_cache():
     assert torch.equal(sample(Plain(), prompt, 5, temperature=0.0), model.generate(prompt, 5, temperature=0.0))
     with pytest.raises(TypeError, match="use_cache=True needs a model with init_cache"):
         sample(Plain(), prompt, 5, use_cache=True)
+
+
+@pytest.mark.parametrize("name", ["hierarchical-four-levels-strided", "flat-window-shift"])
+def test_compiled_decode_step_is_greedy_equal_and_compiles_once_per_phase(name):
+    """`compile`: the decode step through torch.compile (its graphs, run by an eager backend here)
+    gives the uncached loop's tokens, and its graphs do not grow with the number of steps: the
+    caches keep their shapes, so only the phases of the strides and sub-sequences compile."""
+    model = build(name)
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    uncached = model.generate(prompt, 40, temperature=0.0, use_cache=False)
+    assert torch.equal(model.generate(prompt, 40, temperature=0.0, slide=1, compile={"backend": backend}), uncached)
+    compiled = len(graphs)
+    assert 0 < compiled <= 10
+    model.generate(prompt, 40, temperature=0.0, compile={"backend": backend})  # a second call reuses them
+    assert len(graphs) == compiled
