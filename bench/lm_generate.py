@@ -19,7 +19,13 @@ a process of its own (`bench.common.StepWorker`), timed alternately round by rou
 - reference: `simple_hierarchical_transformer.HierarchicalTransformer.generate`, which runs the
   whole context per byte too.
 - reference (compiled), with `--compiled-reference`: its `forward` through
-  `torch.compile(dynamic=True)` (every context length a symbolic size), warmed up the same way.
+  `torch.compile(dynamic=True)`, warmed up the same way. Off by default: local-attention's
+  `pad_to_multiple` branches on the context length, so it recompiles for every length (1-8 minutes
+  each on a 2-core CPU) until torch's recompile limit (8) sends the rest back to eager.
+
+Columns: `cached / this` is eager against eager (ours cached vs this contender); `compiled cached /
+this` is ours compiled against this contender: against the eager reference too, since the reference
+cannot run its generate compiled (above), which is not like for like and is labelled so in the docs.
 
 The uncached loops cost the same per byte once the context is full, so they are timed at 256 new
 bytes and at 256 + `--tail` (a sample of full-context steps), and their times at 1,024 and 4,096
@@ -126,20 +132,19 @@ def main() -> None:
         at_context, longer = median[(name, batch, context)], median[(name, batch, context + args.tail)]
         return at_context + (new - context) * (longer - at_context) / args.tail, True
 
-    print(f"\n{'batch':>5} {'new bytes':>9} {'contender':<24}{'seconds':>10}{'new bytes/s':>13}{'cached / this':>15}")
+    print(f"\n{'batch':>5} {'new bytes':>9} {'contender':<24}{'seconds':>9}{'new bytes/s':>13}"
+          f"{'cached / this':>15}{'compiled cached / this':>24}")
     for batch in args.batch:
         for new in args.new:
             cached, _ = estimate("ours (cached)", batch, new)
             compiled, _ = estimate("ours (cached, compiled)", batch, new)
             for name in contenders:
                 s, extrapolated = estimate(name, batch, new)
+                eager_ratio = "" if name in CACHED or name == "reference (compiled)" else f"{s / cached:.1f}x"
+                compiled_ratio = "" if name in CACHED or name == "ours (uncached)" else f"{s / compiled:.1f}x"
                 mark = " (extrapolated)" if extrapolated else ""
-                # eager against eager, compiled against compiled (the compiled reference, else the eager one)
-                mine = compiled if name == "reference (compiled)" else cached
-                ratio = "" if name in CACHED else f"{s / mine:.1f}x"
-                if name == "reference" and not args.compiled_reference:
-                    ratio += f" (compiled ours: {s / compiled:.1f}x)"
-                print(f"{batch:>5} {new:>9} {name:<24}{s:>10.2f}{batch * new / s:>13.0f}{ratio:>15}{mark}")
+                print(f"{batch:>5} {new:>9} {name:<24}{s:>9.2f}{batch * new / s:>13.0f}{eager_ratio:>15}"
+                      f"{compiled_ratio:>24}{mark}")
     print("\nper round (s): " + "; ".join(f"{n} b{b} {k}: " + "/".join(f"{t:.2f}" for t in seconds[(n, b, k)])
                                          for n, b, k in jobs))
     print(machine().rsplit("; ", 1)[-1] + " at the end")
