@@ -80,11 +80,10 @@ def make_generate(name: str, new: int, batch: int, prompt_len: int):
 
     def generate():
         torch.manual_seed(0)
-        with torch.no_grad():  # the reference's generate does not turn autograd off itself
-            return model.generate(ids, new, **SAMPLING, **options)
+        return model.generate(ids, new, **SAMPLING, **options)
 
     start = time.perf_counter()
-    generate() if warmup == new else model.generate(ids, warmup, **SAMPLING, **options)  # warm-up
+    model.generate(ids, warmup, **SAMPLING, **options)  # warm-up: allocator, caches, compilation
     if "compiled" in name:
         print(f"  {name}, batch {batch}, {new} new bytes: warm-up with compilation {time.perf_counter() - start:.0f} s",
               flush=True)

@@ -409,8 +409,8 @@ class Generates:
         else top-k (`filter_thres`, or `top_k` tokens) and top-p sampling, on the key/value caches
         of `decode` (`use_cache=False`: the whole context per token; `slide`: how the context moves
         past `seq_len`; `compile`: the decode step through `torch.compile`). `hiertrans.lm.sample`
-        describes each option. Runs in eval mode and restores
-        the training flag afterwards. Returns the new tokens only."""
+        describes each option. Runs in eval mode and restores the training flag afterwards. Returns
+        the new tokens only."""
         return sample(self, prompt, seq_len, temperature, filter_thres, top_p, top_k=top_k, use_cache=use_cache,
                       slide=slide, compile=compile)
 
