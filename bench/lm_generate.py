@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--tail", type=int, default=64, help="full-context steps timed for the uncached loops")
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS),
+                        help="a subset to time (ours (cached) always runs: every ratio is against it)")
     parser.add_argument("--compiled-reference", action="store_true",
                         help="also time the reference with its forward compiled (slow to compile)")
     args = parser.parse_args()
@@ -111,7 +113,9 @@ def main() -> None:
 
     # (contender, batch, new bytes) -> worker; the uncached loops at 256 and 256 + tail only
     uncached_lengths = sorted({min(n, context) for n in args.new} | {context + args.tail})
-    contenders = CONTENDERS + (("reference (compiled)",) if args.compiled_reference else ())
+    chosen = set(args.contenders) | {"ours (cached)"}
+    contenders = tuple(c for c in CONTENDERS if c in chosen)
+    contenders += ("reference (compiled)",) if args.compiled_reference else ()
     jobs = [(name, batch, new) for batch in args.batch for name in contenders
             for new in (args.new if name in CACHED else uncached_lengths)]
     workers = {job: StepWorker(partial(make_generate, job[0], job[2], job[1], args.prompt_len), "cpu",
@@ -136,11 +140,12 @@ def main() -> None:
     for batch in args.batch:
         for new in args.new:
             cached, _ = estimate("ours (cached)", batch, new)
-            compiled, _ = estimate("ours (cached, compiled)", batch, new)
+            compiled = estimate(CACHED[1], batch, new)[0] if CACHED[1] in chosen else None
             for name in contenders:
                 s, extrapolated = estimate(name, batch, new)
                 eager_ratio = "" if name in CACHED or name == "reference (compiled)" else f"{s / cached:.1f}x"
-                compiled_ratio = "" if name in CACHED or name == "ours (uncached)" else f"{s / compiled:.1f}x"
+                compiled_ratio = ("" if name in CACHED or name == "ours (uncached)" or compiled is None
+                                  else f"{s / compiled:.1f}x")
                 mark = " (extrapolated)" if extrapolated else ""
                 print(f"{batch:>5} {new:>9} {name:<24}{s:>9.2f}{batch * new / s:>13.0f}{eager_ratio:>15}"
                       f"{compiled_ratio:>24}{mark}")

@@ -94,6 +94,8 @@ def newest(latest: Tensor | None, new: Tensor) -> Tensor | None:
     """The newest compressed token: the last of `new (b, m, d)`, or `latest` when m = 0."""
     if not new.shape[1]:
         return latest
+    if new.shape[1] == 1 and not torch.compiler.is_compiling():
+        return new
     # compiled decoding: a copy, not a view whose offset into `new` torch.compile would guard on
     return new[:, -1:].clone(memory_format=torch.contiguous_format) if torch.compiler.is_compiling() else new[:, -1:]
 
@@ -207,8 +209,8 @@ class HierarchicalBlock(CausalBlock):
         """`forward` for `x (b, m, dim)`, the compressed tokens after those `cache` has seen: each goes
         through the block with the cache of its sub-sequence (position p: sub-sequence p mod a)."""
         n, a = x.shape[-2], self.axial
-        if a == 1 and n:
-            out = super().forward(x, cache.subsequences[0])
+        if n == 1 or (a == 1 and n):  # all of x goes to one sub-sequence
+            out = super().forward(x, cache.subsequences[cache.length % a])
             cache.length += n
             return out
         out = torch.empty_like(x)
@@ -280,7 +282,7 @@ def gumbel_sample(logits: Tensor, temperature: float = 1.0) -> Tensor:
         return logits.argmax(dim=-1)
     uniform = torch.rand_like(logits).clamp(1e-20, 1.0)
     noise = -torch.log((-torch.log(uniform)).clamp(min=1e-20))
-    return (logits / temperature + noise).argmax(dim=-1)
+    return ((logits if temperature == 1 else logits / temperature) + noise).argmax(dim=-1)
 
 
 def next_token_targets(ids: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -301,7 +303,8 @@ def next_token(logits: Tensor, temperature: float, k: int, p: float | None) -> T
     restricted to the top `k` and then to the nucleus `p`."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature  # before top-p: the nucleus is that of the distribution sampled
+    if temperature != 1:  # before top-p: the nucleus is that of the distribution sampled
+        logits = logits / temperature
     if k < logits.shape[-1]:
         logits = top_k(logits, k=k)
     if p is not None and p < 1:

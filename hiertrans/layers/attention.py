@@ -147,7 +147,7 @@ class Attention(nn.Module):
             raise ValueError(f"after the prefill, decode one position at a time, got {x.shape[-2]}")
         qkv = self.qkv(x).view(x.shape[0], 3, self.heads, 1, -1)  # one position: the head split is a view
         if self.rotary is not None:
-            qkv[:, :2] = self.rotary.rotate(qkv[:, :2], cache.length)  # queries and keys in one pass
+            self.rotary.rotate_(qkv[:, :2], cache.length)  # queries and keys in one pass
         keys, values, filled = cache.step(qkv[:, 1:])
         out = self.proj(attend(qkv[:, 0], keys, values, mask=filled).view(x.shape[0], 1, -1))
         return self.proj_drop(out) if self.proj_drop.p else out

@@ -68,8 +68,10 @@ class CausalBlock(nn.Module):
         if not isinstance(self.shift, TokenShift):
             return x
         shifted = token_shift(x, cache.previous.get(sublayer))
-        # a copy with standard strides, whatever x's: the same strides every step (torch.compile guards on them)
-        cache.previous[sublayer] = x[:, -1:].clone(memory_format=torch.contiguous_format)
+        if x.shape[-2] == 1 and not torch.compiler.is_compiling():
+            cache.previous[sublayer] = x
+        else:  # a copy with standard strides, whatever x's: the same strides every step (torch.compile guards on them)
+            cache.previous[sublayer] = x[:, -1:].clone(memory_format=torch.contiguous_format)
         return shifted
 
 

@@ -51,11 +51,12 @@ class KVCache:
         mask)`. Eager: the filled slots and no mask. Under `torch.compile`: every slot and a boolean
         mask `(1, 1, 1, capacity)` of the filled ones, so that no shape depends on the position and one graph
         serves every step (the position itself becomes a symbolic int after the first recompile)."""
-        if not torch.compiler.is_compiling():
-            return *self.update(kv), None
         slot = self.length % self.capacity
         self.store[..., slot : slot + 1, :] = kv
         self.length += 1
+        if not torch.compiler.is_compiling():
+            filled = self.store if self.length >= self.capacity else self.store[..., : self.length, :]
+            return *filled.unbind(1), None
         filled = torch.arange(self.capacity, device=kv.device) < torch.sym_min(self.length, self.capacity)
         return *self.store.unbind(1), filled[None, None, None]  # 4-D: SDPA's fused CPU kernel
 

@@ -22,12 +22,16 @@ class RotaryEmbedding(nn.Module):
 
     def rotation(self, n: int, device: torch.device) -> Tensor:
         """`(n, dim_head / 2, 2)` rotations (cos, sin) of positions 0 .. n - 1."""
+        return self._table(n, device)[:n]
+
+    def _table(self, n: int, device: torch.device) -> Tensor:
+        """The cached rotations of at least n positions."""
         if self._cache is None or self._cache[0] != device or self._cache[1].shape[0] < n:
             # while decoding, n grows by one a step: grow the table in doublings, not every step
             length = n if self._cache is None or self._cache[0] != device else max(n, 2 * self._cache[1].shape[0])
             angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), self.inv_freq.to(device))
             self._cache = (device, torch.stack((angles.cos(), angles.sin()), dim=-1))
-        return self._cache[1][:n]
+        return self._cache[1]
 
     def forward(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
         """Rotate `(..., n, dim_head)` queries and keys of positions `offset .. offset + n - 1`."""
@@ -40,6 +44,15 @@ class RotaryEmbedding(nn.Module):
             angles = (offset * self.inv_freq)[None]  # what the table's row `offset` holds
             return apply_rotary(x, torch.stack((angles.cos(), angles.sin()), dim=-1))
         return apply_rotary(x, self.rotation(offset + x.shape[-2], x.device)[offset:])
+
+    def rotate_(self, x: Tensor, offset: int) -> Tensor:
+        """`rotate` in place for `x (..., 1, dim_head)`, one position (a decoding step, where each of
+        the few calls it saves is a sizeable part of the step)."""
+        if torch.compiler.is_compiling() or x.dtype != torch.float32:
+            return x.copy_(self.rotate(x, offset))
+        rotation = torch.view_as_complex(self._table(offset + 1, x.device)[offset])
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rotation)
+        return x
 
 
 def apply_rotary(x: Tensor, rotation: Tensor) -> Tensor:
