@@ -55,8 +55,8 @@ class KVCache:
         self.store[..., slot : slot + 1, :] = kv
         self.length += 1
         if not torch.compiler.is_compiling():
-            filled = self.store if self.length >= self.capacity else self.store[..., : self.length, :]
-            return *filled.unbind(1), None
+            stored = self.store if self.length >= self.capacity else self.store[..., : self.length, :]
+            return *stored.unbind(1), None
         filled = torch.arange(self.capacity, device=kv.device) < torch.sym_min(self.length, self.capacity)
         return *self.store.unbind(1), filled[None, None, None]  # 4-D: SDPA's fused CPU kernel
 
