@@ -71,9 +71,19 @@ def prompt(batch: int, length: int) -> torch.Tensor:
 
 
 def compiled_at_context(forward, context: int):
-    """`forward` through one static torch.compile graph for inputs of the full context, eager otherwise."""
+    """`forward` through one static torch.compile graph for inputs of the full context, eager otherwise.
+
+    The reference's generate passes `out[:, -context:]`, a view whose row stride grows by one per byte:
+    a static graph would recompile for every stride (at batch 1 too, where the view counts as contiguous),
+    so the compiled path gets a copy with standard strides."""
     compiled = torch.compile(forward, dynamic=False)
-    return lambda x, **kwargs: (compiled if x.shape[-1] == context else forward)(x, **kwargs)
+
+    def call(x: torch.Tensor, **kwargs):
+        if x.shape[-1] != context:
+            return forward(x, **kwargs)
+        return compiled(x.clone(memory_format=torch.contiguous_format), **kwargs)
+
+    return call
 
 
 def make_generate(name: str, new: int, batch: int, prompt_len: int):
