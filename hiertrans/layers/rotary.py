@@ -30,7 +30,8 @@ class RotaryEmbedding(nn.Module):
             # while decoding, n grows by one a step: grow the table in doublings, not every step
             length = n if self._cache is None or self._cache[0] != device else max(n, 2 * self._cache[1].shape[0])
             angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), self.inv_freq.to(device))
-            self._cache = (device, torch.stack((angles.cos(), angles.sin()), dim=-1))
+            table = torch.stack((angles.cos(), angles.sin()), dim=-1)
+            self._cache = (device, table, torch.view_as_complex(table))  # and as complex numbers, for rotate_
         return self._cache[1]
 
     def forward(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
@@ -50,8 +51,8 @@ class RotaryEmbedding(nn.Module):
         the few calls it saves is a sizeable part of the step)."""
         if torch.compiler.is_compiling() or x.dtype != torch.float32:
             return x.copy_(self.rotate(x, offset))
-        rotation = torch.view_as_complex(self._table(offset + 1, x.device)[offset])
-        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rotation)
+        self._table(offset + 1, x.device)  # grown to row `offset` if need be
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(self._cache[2][offset])
         return x
 
 
