@@ -3,6 +3,7 @@
     pip install ".[bench]"
     python bench/lm_generate.py                 # lm.yaml's model; 256, 1,024 and 4,096 new bytes; batch 1 and 4
     python bench/lm_generate.py --new 256 --batch 1 --rounds 5
+    python bench/lm_generate.py --new 256 --cpu-kernels gelu   # an optional CPU kernel, on every contender
 
 Both models are lm.yaml's network (dim 128, depth 4, hierarchies (1, 2), windows (32, None),
 seq_len 256) from the same seed, in eval mode, sampling with the same settings (temperature 1.0,
@@ -24,6 +25,11 @@ a process of its own (`bench.common.StepWorker`), timed alternately round by rou
   on a 2-core CPU) until torch's recompile limit sends the rest back to eager. Its full-context
   steps are what the 1,024 and 4,096 figures extrapolate from, so there the compiled ratio is
   compiled against compiled; its 256-byte row is mostly eager steps (marked).
+
+With `--cpu-kernels [NAMES]`, every contender runs a second time with those `hiertrans.cpu_kernels`
+swapped into its model (the same swap on both sides; rows marked `+ kernels`, ratios within them):
+`gelu` computes small GELUs outside autograd (a decoding step's) on native kernels instead of
+oneDNN's; the reference's full-context GELUs are too large for it and stay as they are.
 
 Columns: `cached / this` is eager against eager (ours cached vs this contender); `compiled cached /
 this` is ours compiled against this contender: against the eager reference it is not like for like
@@ -47,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import StepWorker, machine, params  # noqa: E402
-from hiertrans import HierarchicalTransformer  # noqa: E402
+from hiertrans import HierarchicalTransformer, cpu_kernels  # noqa: E402
 
 LM_YAML = dict(num_tokens=256, dim=128, depth=4, seq_len=256, heads=4, dim_head=32, ff_mult=4, hierarchies=(1, 2),
                window_sizes=(32, None), hierarchical_stride=1)
@@ -86,9 +92,12 @@ def compiled_at_context(forward, context: int):
     return call
 
 
-def make_generate(name: str, new: int, batch: int, prompt_len: int):
-    """Runs in a worker process: one call generates `new` bytes after the prompt."""
+def make_generate(name: str, new: int, batch: int, prompt_len: int, kernels: tuple[str, ...] | None = None):
+    """Runs in a worker process: one call generates `new` bytes after the prompt; `kernels`: the
+    `hiertrans.cpu_kernels` swapped into the model (any contender's, through the same swap)."""
     model, ids = build(name), prompt(batch, prompt_len)
+    if kernels is not None:
+        cpu_kernels.apply(model, kernels=kernels)
     options = {"ours (uncached)": dict(use_cache=False), "ours (cached, compiled)": dict(compile=True)}.get(name, {})
     warmup = 8
     if "compiled" in name:  # compile every phase and the sliding context now, not in a timed call
@@ -120,6 +129,8 @@ def main() -> None:
                         help="a subset to time (ours (cached) always runs: every ratio is against it)")
     parser.add_argument("--compiled-reference", action="store_true",
                         help="also time the reference with its forward compiled (slow to compile)")
+    parser.add_argument("--cpu-kernels", nargs="*", choices=tuple(cpu_kernels.KERNELS), default=None,
+                        help="swap these hiertrans.cpu_kernels (none named: all) into every contender's model")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,14 +140,18 @@ def main() -> None:
           f"{params(build('reference')):,}), seq_len {context}, eval mode; sampling {SAMPLING} after a "
           f"{args.prompt_len}-byte prompt; one process per contender, {args.rounds} alternating rounds")
 
-    # (contender, batch, new bytes) -> worker; the uncached loops at 256 and 256 + tail only
+    # (contender, batch, new bytes, kernels) -> worker; the uncached loops at 256 and 256 + tail only
     uncached_lengths = sorted({min(n, context) for n in args.new} | {context + args.tail})
     chosen = set(args.contenders) | {"ours (cached)"}
     contenders = tuple(c for c in CONTENDERS if c in chosen)
     contenders += ("reference (compiled)",) if args.compiled_reference else ()
-    jobs = [(name, batch, new) for batch in args.batch for name in contenders
+    kernels = None if args.cpu_kernels is None else tuple(args.cpu_kernels or cpu_kernels.KERNELS)
+    variants = (None,) + ((kernels,) if kernels else ())  # plain, and with the kernels on every contender
+    if kernels:
+        print(f"rows '+ kernels': every contender with hiertrans.cpu_kernels {', '.join(kernels)} (the same swap)")
+    jobs = [(name, batch, new, variant) for batch in args.batch for variant in variants for name in contenders
             for new in (args.new if name in CACHED else uncached_lengths)]
-    workers = {job: StepWorker(partial(make_generate, job[0], job[2], job[1], args.prompt_len), "cpu",
+    workers = {job: StepWorker(partial(make_generate, job[0], job[2], job[1], args.prompt_len, job[3]), "cpu",
                                args.threads, warmup=0) for job in jobs}
     seconds: dict[tuple, list[float]] = {job: [] for job in jobs}
     for _ in range(args.rounds):
@@ -146,31 +161,36 @@ def main() -> None:
         worker.close()
     median = {job: statistics.median(s) for job, s in seconds.items()}
 
-    def estimate(name: str, batch: int, new: int) -> tuple[float, bool]:
+    def estimate(name: str, batch: int, new: int, variant) -> tuple[float, bool]:
         """Seconds for `new` bytes, and whether extrapolated from the full-context per-byte cost."""
-        if (name, batch, new) in median:
-            return median[(name, batch, new)], False
-        at_context, longer = median[(name, batch, context)], median[(name, batch, context + args.tail)]
+        if (name, batch, new, variant) in median:
+            return median[(name, batch, new, variant)], False
+        at_context = median[(name, batch, context, variant)]
+        longer = median[(name, batch, context + args.tail, variant)]
         return at_context + (new - context) * (longer - at_context) / args.tail, True
 
-    print(f"\n{'batch':>5} {'new bytes':>9} {'contender':<24}{'seconds':>9}{'new bytes/s':>13}"
+    def label(name: str, variant) -> str:
+        return name if variant is None else f"{name} + kernels"
+
+    print(f"\n{'batch':>5} {'new bytes':>9} {'contender':<34}{'seconds':>9}{'new bytes/s':>13}"
           f"{'cached / this':>15}{'compiled cached / this':>24}")
     for batch in args.batch:
         for new in args.new:
-            cached, _ = estimate("ours (cached)", batch, new)
-            compiled = estimate(CACHED[1], batch, new)[0] if CACHED[1] in chosen else None
-            for name in contenders:
-                s, extrapolated = estimate(name, batch, new)
-                eager_ratio = "" if name in CACHED or name == "reference (compiled)" else f"{s / cached:.1f}x"
-                compiled_ratio = ("" if name in CACHED or name == "ours (uncached)" or compiled is None
-                                  else f"{s / compiled:.1f}x")
-                mark = " (extrapolated)" if extrapolated else ""
-                if name == "reference (compiled)" and not extrapolated:
-                    mark = " (mostly eager: below the context)"
-                print(f"{batch:>5} {new:>9} {name:<24}{s:>9.2f}{batch * new / s:>13.0f}{eager_ratio:>15}"
-                      f"{compiled_ratio:>24}{mark}")
-    print("\nper round (s): " + "; ".join(f"{n} b{b} {k}: " + "/".join(f"{t:.2f}" for t in seconds[(n, b, k)])
-                                         for n, b, k in jobs))
+            for variant in variants:  # ratios within a variant: the same kernels on both sides
+                cached, _ = estimate("ours (cached)", batch, new, variant)
+                compiled = estimate(CACHED[1], batch, new, variant)[0] if CACHED[1] in chosen else None
+                for name in contenders:
+                    s, extrapolated = estimate(name, batch, new, variant)
+                    eager_ratio = "" if name in CACHED or name == "reference (compiled)" else f"{s / cached:.1f}x"
+                    compiled_ratio = ("" if name in CACHED or name == "ours (uncached)" or compiled is None
+                                      else f"{s / compiled:.1f}x")
+                    mark = " (extrapolated)" if extrapolated else ""
+                    if name == "reference (compiled)" and not extrapolated:
+                        mark = " (mostly eager: below the context)"
+                    print(f"{batch:>5} {new:>9} {label(name, variant):<34}{s:>9.2f}{batch * new / s:>13.0f}"
+                          f"{eager_ratio:>15}{compiled_ratio:>24}{mark}")
+    print("\nper round (s): " + "; ".join(f"{label(n, v)} b{b} {k}: " + "/".join(f"{t:.2f}" for t in seconds[job])
+                                         for job in jobs for n, b, k, v in [job]))
     print(machine().rsplit("; ", 1)[-1] + " at the end")
 
 

@@ -16,10 +16,13 @@ and backward are computed:
 |                 | `nn.RMSNorm` -> `CPUTorchRMSNorm`            |                                            |
 | `token_shift`   | `layers.TokenShift` -> `CPUTokenShift`       | one copy each way, not chunk + pad + cat   |
 | `sliding_window`| `layers.Attention` -> `CPUAttention`         | one write each way for windowed keys/values|
+| `gelu`          | `nn.GELU` -> `CPUGELU`                       | small inputs without autograd (a decoding  |
+|                 |                                              | step's) on native kernels, not oneDNN's    |
 
 Each kernel runs only on CPU tensors, outside `torch.func` transforms and forward-mode AD (the
 RMSNorm one in fp32/fp64 with autograd recording; the oneDNN product in fp32 on x86-64, outside
-autocast, for at least `ONEDNN_MIN_MACS` multiply-adds), and calls the plain op otherwise: outputs
+autocast, for at least `ONEDNN_MIN_MACS` multiply-adds; the GELU one in fp32/fp64 without autograd,
+for at most `SMALL_GELU_MAX_NUMEL` elements), and calls the plain op otherwise: outputs
 stay equal within rounding with the kernels on or off, on every device. Second derivatives work
 through all but the RMSNorm kernel, which refuses them (remove it for gradient penalties).
 
@@ -37,7 +40,12 @@ fp32, with and without them, and each kernel's op alone at the step's shapes):
   only and ran fp32 products at 200-210 GFLOP/s, oneDNN at 390-480; with the oneDNN linears the LM
   step (dim 256, seq 1024, `bench/lm_throughput.py`) went from 1.49-1.60 to 1.06-1.09 s: 1.4-1.5x.
   The other three kernels were part of the 1.13-1.31x the plain implementation measured then.
-- Not measured, expected not to pay: Intel CPUs (MKL takes its AVX-512 kernels there itself);
+- `gelu`, sampling (`python bench/lm_generate.py --new 256 --cpu-kernels gelu`, lm.yaml's model,
+  batch 1, Intel Xeon family 6 model 167, AVX-512, 2 threads, session 13): 256 new bytes in 0.47
+  instead of 0.49 s (~4%; one run, 7 alternating rounds), where each one-position GELU cost
+  ~15-20 us on oneDNN inside the step. Training is untouched (its GELUs are large and record
+  autograd).
+- Not measured, expected not to pay: the training kernels on Intel CPUs (MKL takes its AVX-512 kernels there itself);
   GPUs (every kernel falls back to the plain op: CUDA has a fused RMSNorm backward and cuBLAS; the
   swap is harmless); `torch.compile`, whose generated code fuses the norm, shift and layout anyway
   (the oneDNN product stays an opaque op, `hiertrans::onednn_mm`, in the graph).
@@ -60,8 +68,8 @@ from torch.utils.flop_counter import register_flop_formula
 from .layers import Attention, RMSNorm, TokenShift, token_shift, with_previous_block
 from .layers.checks import env_flag
 
-__all__ = ["KERNELS", "CPUAttention", "CPURMSNorm", "CPUTokenShift", "CPUTorchRMSNorm", "OneDNNLinear", "apply",
-           "onednn_linear", "remove", "requested"]
+__all__ = ["KERNELS", "CPUAttention", "CPUGELU", "CPURMSNorm", "CPUTokenShift", "CPUTorchRMSNorm", "OneDNNLinear",
+           "apply", "onednn_linear", "remove", "requested"]
 
 ENV_VAR = "HIERTRANS_CPU_KERNELS"
 ONEDNN_MIN_MACS = 1 << 22  # below this, oneDNN's per-call overhead loses to MKL
@@ -293,6 +301,25 @@ class CPUAttention(Attention):
     window_layout = staticmethod(with_previous_block_kernel)
 
 
+# --- GELU of small inputs -----------------------------------------------------------------------
+
+SMALL_GELU_MAX_NUMEL = 1 << 12  # above this, oneDNN's one call beats the four native ones
+
+
+class CPUGELU(nn.GELU):
+    """`nn.GELU` (exact) whose small fp32/fp64 CPU inputs outside autograd are computed as
+    `0.5 x erfc(-x / sqrt(2))` in PyTorch's native kernels: `F.gelu` sends every fp32 CPU input to
+    oneDNN's eltwise GELU, whose per-call setup is most of the cost of a one-position GELU (decoding
+    a token runs one per block)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.approximate == "none" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+                and x.numel() <= SMALL_GELU_MAX_NUMEL
+                and not (torch.is_grad_enabled() or torch.compiler.is_compiling())):
+            return torch.special.erfc(x * -math.sqrt(0.5)).mul_(x).mul_(0.5)
+        return super().forward(x)
+
+
 # --- the switch ---------------------------------------------------------------------------------
 
 KERNELS: dict[str, dict[type[nn.Module], type[nn.Module]]] = {
@@ -300,6 +327,7 @@ KERNELS: dict[str, dict[type[nn.Module], type[nn.Module]]] = {
     "rms_norm": {RMSNorm: CPURMSNorm, nn.RMSNorm: CPUTorchRMSNorm},
     "token_shift": {TokenShift: CPUTokenShift},
     "sliding_window": {Attention: CPUAttention},
+    "gelu": {nn.GELU: CPUGELU},
 }
 
 

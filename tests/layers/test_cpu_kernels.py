@@ -11,7 +11,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from hiertrans import HierarchicalTransformer, RMSNorm, Transformer, cpu_kernels
-from hiertrans.cpu_kernels import CPUTokenShift, OneDNNLinear, onednn_supported, with_previous_block_kernel
+from hiertrans.cpu_kernels import (
+    CPUGELU,
+    SMALL_GELU_MAX_NUMEL,
+    CPUTokenShift,
+    OneDNNLinear,
+    onednn_supported,
+    with_previous_block_kernel,
+)
 from hiertrans.layers import local_attend, token_shift, with_previous_block
 
 needs_onednn = pytest.mark.skipif(not onednn_supported(), reason="oneDNN linears are used on x86-64 CPUs only")
@@ -83,7 +90,7 @@ def test_peer_model_gets_the_same_kernels():
                          nn.RMSNorm(128, eps=None))
     attention = nn.MultiheadAttention(128, 4)  # its out_proj is a Linear subclass: not swapped
     fast = cpu_kernels.apply(copy.deepcopy(peer))
-    assert [type(m).__name__ for m in fast] == ["OneDNNLinear", "GELU", "OneDNNLinear", "CPUTorchRMSNorm",
+    assert [type(m).__name__ for m in fast] == ["OneDNNLinear", "CPUGELU", "OneDNNLinear", "CPUTorchRMSNorm",
                                                 "CPUTorchRMSNorm"]
     assert type(cpu_kernels.apply(attention).out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     x = torch.randn(4, 256, 128)
@@ -301,3 +308,37 @@ def test_linear_compiles_with_the_onednn_product():
     theirs(x).square().sum().backward()
     torch.testing.assert_close(ours_grads[0], x.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours_grads[1], theirs.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+# --- GELU of small inputs -----------------------------------------------------------------------
+
+def test_small_gelu_matches_exact_gelu_and_leaves_other_inputs_to_it():
+    gelu = CPUGELU()
+    x = torch.cat((torch.linspace(-12, 12, 2001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0])))
+    with torch.inference_mode():
+        exact = F.gelu(x.double())  # float64: ATen's own kernel, exact erf
+        torch.testing.assert_close(gelu(x).double(), exact, rtol=1e-5, atol=1e-6)  # as close as F.gelu's fp32
+        torch.testing.assert_close(gelu(x), F.gelu(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gelu(x.double()), exact, rtol=1e-12, atol=1e-14)
+        big = torch.randn(SMALL_GELU_MAX_NUMEL + 1)
+        assert torch.equal(gelu(big), F.gelu(big))  # above the size: F.gelu itself
+        tanh = CPUGELU(approximate="tanh")
+        assert torch.equal(tanh(x), F.gelu(x, approximate="tanh"))
+    leaf = torch.randn(8, requires_grad=True)  # autograd recording: F.gelu, with its backward
+    assert gelu(leaf).grad_fn.name() == "GeluBackward0"
+
+
+def test_small_gelu_decoding_equals_plain_decoding():
+    """A decoding step's GELUs (one position) take the kernel; logits stay equal within rounding
+    and greedy generation is token for token the same."""
+    plain = lm()
+    fast = cpu_kernels.apply(copy.deepcopy(plain), kernels=["gelu"])
+    assert {type(m).__name__ for m in fast.modules()} >= {"CPUGELU"}
+    prompt = lm_batch()[:2, :12]
+    with torch.inference_mode():
+        plain_cache, fast_cache = plain.init_cache(), fast.init_cache()
+        torch.testing.assert_close(fast.decode(prompt, fast_cache), plain.decode(prompt, plain_cache))
+        for token in lm_batch()[:2, 12:30].unbind(1):
+            torch.testing.assert_close(fast.decode(token[:, None], fast_cache),
+                                       plain.decode(token[:, None], plain_cache), rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast.generate(prompt, 40, temperature=0), plain.generate(prompt, 40, temperature=0))
