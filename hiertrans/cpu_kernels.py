@@ -45,10 +45,11 @@ fp32, with and without them, and each kernel's op alone at the step's shapes):
   instead of 0.49 s (~4%; one run, 7 alternating rounds), where each one-position GELU cost
   ~15-20 us on oneDNN inside the step. Training is untouched (its GELUs are large and record
   autograd).
-- Not measured, expected not to pay: the training kernels on Intel CPUs (MKL takes its AVX-512 kernels there itself);
-  GPUs (every kernel falls back to the plain op: CUDA has a fused RMSNorm backward and cuBLAS; the
-  swap is harmless); `torch.compile`, whose generated code fuses the norm, shift and layout anyway
-  (the oneDNN product stays an opaque op, `hiertrans::onednn_mm`, in the graph).
+- Not measured, expected not to pay: the training kernels on Intel CPUs (MKL takes its AVX-512
+  kernels there itself); GPUs (every kernel falls back to the plain op: CUDA has a fused RMSNorm
+  backward and cuBLAS; the swap is harmless); `torch.compile`, whose generated code fuses the
+  norm, shift and layout anyway (the oneDNN product stays an opaque op, `hiertrans::onednn_mm`, in
+  the graph).
 
 This is the only module of hiertrans that uses private PyTorch APIs (`torch.ops.mkldnn` and
 `torch._C`), each marked where it is used: the models' default paths are plain public PyTorch.
