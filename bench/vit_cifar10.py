@@ -135,7 +135,7 @@ def run(name: str, seed: int, root: Path, args) -> dict:
     """One model, one seed: train on the split's train folder within the CPU budget, score its val folder."""
     seed_everything(seed, verbose=False)
     data = ImageDataModule(str(root), img_size=32, batch_size=args.batch_size, num_workers=0, in_memory=True,
-                           seed=seed, random_resized_crop=True, crop_scale=(0.5, 1.0), hflip=True,
+                           seed=seed, random_resized_crop=True, crop_scale=tuple(args.crop_scale), hflip=True,
                            mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
     net = MODELS[name]()
     module = ImageClassifier(net, optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.05),
@@ -164,7 +164,8 @@ def run_concurrently(seed: int, args) -> list[dict]:
             out = Path(tmp) / f"{name}.json"
             cmd = [sys.executable, __file__, "--child", "--models", name, "--seeds", str(seed), "--json", str(out),
                    "--data", str(args.data), "--split", args.split, "--cpu-minutes", str(args.cpu_minutes),
-                   "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--threads", str(args.threads)]
+                   "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--threads", str(args.threads),
+                   "--crop-scale", *map(str, args.crop_scale)]
             jobs.append((name, subprocess.Popen(cmd), out))
         for _, job, _ in jobs:
             job.wait()
@@ -177,7 +178,8 @@ def run_concurrently(seed: int, args) -> list[dict]:
 def summary(results: list[dict], args) -> None:
     sizes = "45k train / 5k report" if args.split == "report" else "40k train / 5k select"
     print(f"\nCIFAR-10 {args.split} split ({sizes}), {args.cpu_minutes:g} CPU-minutes per run, batch "
-          f"{args.batch_size}, {args.threads} thread(s) per model")
+          f"{args.batch_size}, lr {args.lr:g}, crop scale {args.crop_scale[0]:g}-{args.crop_scale[1]:g}, "
+          f"{args.threads} thread(s) per model")
     print(f"{'model':<19}{'seed':>5}{'params':>8}{'images':>10}{'epochs':>7}{'CPU s':>7}{'wall s':>8}{'img/CPU-s':>10}"
           f"{'acc':>8}")
     for r in results:
@@ -202,6 +204,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE, help="cifar10-train.tar.gz")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--crop-scale", type=float, nargs=2, default=[0.5, 1.0], metavar=("LO", "HI"),
+                        help="area fractions of the random-resized crops")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per model")
     parser.add_argument("--sequential", action="store_true", help="train the models one after the other")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one model of a concurrent run
