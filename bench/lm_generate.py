@@ -189,8 +189,9 @@ def main() -> None:
                         mark = " (mostly eager: below the context)"
                     print(f"{batch:>5} {new:>9} {label(name, variant):<34}{s:>9.2f}{batch * new / s:>13.0f}"
                           f"{eager_ratio:>15}{compiled_ratio:>24}{mark}")
-    print("\nper round (s): " + "; ".join(f"{label(n, v)} b{b} {k}: " + "/".join(f"{t:.2f}" for t in seconds[job])
-                                         for job in jobs for n, b, k, v in [job]))
+    print("\nper round (s): " + "; ".join(f"{label(name, variant)} b{batch} {new}: "
+                                         + "/".join(f"{t:.2f}" for t in seconds[(name, batch, new, variant)])
+                                         for name, batch, new, variant in jobs))
     print(machine().rsplit("; ", 1)[-1] + " at the end")
 
 

@@ -22,17 +22,18 @@ class RotaryEmbedding(nn.Module):
 
     def rotation(self, n: int, device: torch.device) -> Tensor:
         """`(n, dim_head / 2, 2)` rotations (cos, sin) of positions 0 .. n - 1."""
-        return self._table(n, device)[:n]
+        return self._tables(n, device)[0][:n]
 
-    def _table(self, n: int, device: torch.device) -> Tensor:
-        """The cached rotations of at least n positions."""
+    def _tables(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The cached rotations of at least n positions: `(length, dim_head / 2, 2)` (cos, sin), and
+        the same memory as complex numbers `(length, dim_head / 2)` (for `rotate_`)."""
         if self._cache is None or self._cache[0] != device or self._cache[1].shape[0] < n:
             # while decoding, n grows by one a step: grow the table in doublings, not every step
             length = n if self._cache is None or self._cache[0] != device else max(n, 2 * self._cache[1].shape[0])
             angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), self.inv_freq.to(device))
             table = torch.stack((angles.cos(), angles.sin()), dim=-1)
-            self._cache = (device, table, torch.view_as_complex(table))  # and as complex numbers, for rotate_
-        return self._cache[1]
+            self._cache = (device, table, torch.view_as_complex(table))
+        return self._cache[1:]
 
     def forward(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
         """Rotate `(..., n, dim_head)` queries and keys of positions `offset .. offset + n - 1`."""
@@ -51,8 +52,8 @@ class RotaryEmbedding(nn.Module):
         the few calls it saves is a sizeable part of the step)."""
         if torch.compiler.is_compiling() or x.dtype != torch.float32:
             return x.copy_(self.rotate(x, offset))
-        self._table(offset + 1, x.device)  # grown to row `offset` if need be
-        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(self._cache[2][offset])
+        rotation = self._tables(offset + 1, x.device)[1][offset]
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rotation)
         return x
 
 
