@@ -41,10 +41,10 @@ fp32, with and without them, and each kernel's op alone at the step's shapes):
   step (dim 256, seq 1024, `bench/lm_throughput.py`) went from 1.49-1.60 to 1.06-1.09 s: 1.4-1.5x.
   The other three kernels were part of the 1.13-1.31x the plain implementation measured then.
 - `gelu`, sampling (`python bench/lm_generate.py --new 256 --cpu-kernels gelu`, lm.yaml's model,
-  batch 1, Intel Xeon family 6 model 167, AVX-512, 2 threads, session 13): 256 new bytes in 0.47
-  instead of 0.49 s (~4%; one run, 7 alternating rounds), where each one-position GELU cost
-  ~15-20 us on oneDNN inside the step. Training is untouched (its GELUs are large and record
-  autograd).
+  batch 1, Intel Xeon family 6 model 167, AVX-512, 2 threads, session 14): 256 new bytes in 0.45
+  instead of 0.50 s (~10%; one run, 7 alternating rounds), where each one-position GELU cost
+  ~20 us on oneDNN inside the step and ~1.6 us on the native kernel. Training is untouched (its
+  GELUs are large and record autograd).
 - Not measured, expected not to pay: the training kernels on Intel CPUs (MKL takes its AVX-512
   kernels there itself); GPUs (every kernel falls back to the plain op: CUDA has a fused RMSNorm
   backward and cuBLAS; the swap is harmless); `torch.compile`, whose generated code fuses the
@@ -304,20 +304,26 @@ class CPUAttention(Attention):
 
 # --- GELU of small inputs -----------------------------------------------------------------------
 
-SMALL_GELU_MAX_NUMEL = 1 << 12  # above this, oneDNN's one call beats the four native ones
+SMALL_GELU_MAX_NUMEL = 1 << 12  # about where oneDNN's per-call setup stops mattering
 
 
 class CPUGELU(nn.GELU):
-    """`nn.GELU` (exact) whose small fp32/fp64 CPU inputs outside autograd are computed as
-    `0.5 x erfc(-x / sqrt(2))` in PyTorch's native kernels: `F.gelu` sends every fp32 CPU input to
-    oneDNN's eltwise GELU, whose per-call setup is most of the cost of a one-position GELU (decoding
-    a token runs one per block)."""
+    """`nn.GELU` whose small fp32/fp64 CPU inputs outside autograd run on PyTorch's native kernel:
+    `F.gelu` sends every fp32 CPU input to oneDNN's eltwise GELU, whose per-call setup (~8 us alone,
+    ~20 us inside a decoding step) is most of the cost of a one-position GELU (decoding a token runs
+    one per block); the native kernel takes ~1 us. oneDNN is switched off (`torch.backends.mkldnn`,
+    process-wide) for the one call only and restored after it."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.approximate == "none" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
                 and x.numel() <= SMALL_GELU_MAX_NUMEL
                 and not (torch.is_grad_enabled() or torch.compiler.is_compiling())):
-            return torch.special.erfc(x * -math.sqrt(0.5)).mul_(x).mul_(0.5)
+            onednn = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+            try:
+                return super().forward(x)
+            finally:
+                torch.backends.mkldnn.enabled = onednn
         return super().forward(x)
 
 

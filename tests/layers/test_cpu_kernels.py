@@ -324,6 +324,14 @@ def test_small_gelu_matches_exact_gelu_and_leaves_other_inputs_to_it():
         assert torch.equal(gelu(big), F.gelu(big))  # above the size: F.gelu itself
         tanh = CPUGELU(approximate="tanh")
         assert torch.equal(tanh(x), F.gelu(x, approximate="tanh"))
+        onednn = torch.backends.mkldnn.enabled
+        try:  # the kernel switches oneDNN off for its call only, whatever it was
+            for enabled in (False, True):
+                torch.backends.mkldnn.enabled = enabled
+                gelu(x)
+                assert torch.backends.mkldnn.enabled == enabled
+        finally:
+            torch.backends.mkldnn.enabled = onednn
     leaf = torch.randn(8, requires_grad=True)  # autograd recording: F.gelu, with its backward
     assert gelu(leaf).grad_fn.name() == "GeluBackward0"
 
