@@ -5,6 +5,7 @@ import gc
 import os
 import platform
 import re
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -141,6 +142,19 @@ def fmt_ratio(ours: float, theirs: float) -> str:
     return f"{ours / theirs:.2f}x" if theirs else "n/a"
 
 
+# glibc keeps freed memory instead of returning it to the kernel (no mmap per large tensor, no trim of
+# the heap's top): every step reuses pages already mapped, where by default large tensors are mapped
+# and page-faulted afresh each step. Read at process start; with another allocator, no effect.
+KEEP_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (first touches of freshly mapped memory)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _serve(conn, make_step: Callable[[], Callable[[], object]], device: str, threads: int | None,
            warmup: int) -> None:
     if threads:
@@ -149,11 +163,16 @@ def _serve(conn, make_step: Callable[[], Callable[[], object]], device: str, thr
     for _ in range(warmup):
         step()
     conn.send("ready")
+    faults = []
     while (request := conn.recv()) != "stop":
         if request == "time":
+            before = minor_page_faults()
             conn.send(timed(step, torch.device(device)))
+            faults.append(minor_page_faults() - before)
         elif request == "memory":
             conn.send(peak_memory_during(step, torch.device(device))[1])
+        elif request == "faults":
+            conn.send(statistics.median(faults) if faults else float("nan"))
 
 
 class StepWorker:
@@ -164,18 +183,27 @@ class StepWorker:
     with what else the process held. Each worker builds its step with `make_step()` (a picklable
     callable; it runs in the worker), warms up, then times one step or measures its peak memory per
     request, so the caller can still alternate contenders round by round. Only one worker computes
-    at a time.
+    at a time. `env`: environment variables for the worker's process (e.g. `KEEP_HEAP`).
     """
 
     def __init__(self, make_step: Callable[[], Callable[[], object]], device: str = "cpu",
-                 threads: int | None = None, warmup: int = 2):
+                 threads: int | None = None, warmup: int = 2, env: dict[str, str] | None = None):
         import multiprocessing as mp
 
         context = mp.get_context("spawn")  # fork would copy this process's heap and thread pools
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, make_step, device, threads, warmup),
                                        daemon=True)
-        self.process.start()
+        saved = {key: os.environ.get(key) for key in env or {}}
+        os.environ.update(env or {})  # the spawned interpreter inherits it (glibc reads MALLOC_* at start)
+        try:
+            self.process.start()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key)
+                else:
+                    os.environ[key] = value
         child.close()
         if self.conn.recv() != "ready":
             raise RuntimeError("benchmark worker failed to start")
@@ -183,6 +211,11 @@ class StepWorker:
     def time(self) -> float:
         """Seconds of one step."""
         self.conn.send("time")
+        return self.conn.recv()
+
+    def page_faults(self) -> float:
+        """Median minor page faults of the steps timed so far (4 KiB pages touched for the first time)."""
+        self.conn.send("faults")
         return self.conn.recv()
 
     def peak_memory(self) -> int:

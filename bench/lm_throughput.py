@@ -3,6 +3,7 @@
     pip install ".[bench]"
     python bench/lm_throughput.py                        # both pairs, eager, default PyTorch kernels
     python bench/lm_throughput.py --cpu-kernels --compile --rounds 9
+    python bench/lm_throughput.py --pairs hierarchical --keep-heap   # also both without per-step page faults
 
 Two pairs, each at one config for both sides (dim 256, heads 4 x 64, seq 1024, batch 4):
 
@@ -15,7 +16,11 @@ Two pairs, each at one config for both sides (dim 256, heads 4 x 64, seq 1024, b
 
 Same kernels on both sides: default PyTorch; `--cpu-kernels` adds rows with
 `hiertrans.cpu_kernels.apply` on both (it swaps nn.Linear and the norms in any model); `--compile`
-adds rows with both under `torch.compile` (compiled vs compiled). Every contender runs in a process
+adds rows with both under `torch.compile` (compiled vs compiled); `--keep-heap` adds rows with
+both run with glibc told to keep the memory it frees (`bench.common.KEEP_HEAP`). By default glibc
+maps each large tensor afresh and trims the heap, so a step page-faults its large temporaries again
+every time (`faulted MiB/step`); how much depends on each model's allocation pattern, and on a VM
+a fault costs microseconds. Every contender runs in a process
 of its own (`bench.common.StepWorker`: one shared heap moved step times by up to 25%), all built
 from the same seed and stepping the same fused AdamW on the same batch, timed alternately, one
 step each per round; medians. Also our FLOP/s against this machine's measured fp32 matmul peak.
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import StepWorker, fmt_ratio, machine, matmul_peak_flops, params  # noqa: E402
+from bench.common import KEEP_HEAP, StepWorker, fmt_ratio, machine, matmul_peak_flops, params  # noqa: E402
 from hiertrans import HierarchicalTransformer, HourglassTransformer, cpu_kernels  # noqa: E402
 
 PAIRS = {"hierarchical": ("ours hierarchical", "simple-hierarchical"),
@@ -112,6 +117,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="alternating measurement rounds")
     parser.add_argument("--cpu-kernels", action="store_true", help="also both sides with hiertrans.cpu_kernels")
     parser.add_argument("--compile", action="store_true", help="also both sides under torch.compile")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="also both sides with glibc keeping freed memory (no page faults per step)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args()
     if args.threads:
@@ -123,38 +130,41 @@ def main() -> None:
           f"{args.depth}, hierarchies (1, 2), windows (32, None), recon 0.1; hourglass: depths {tuple(args.depths)}, "
           f"shortening {args.shorten}, linear down/upsampling")
 
-    variants = [("", False, False)] + [(" +kernels", True, False)] * args.cpu_kernels
-    variants += [(" +compile", False, True)] * args.compile
+    variants = [("", False, False, None)] + [(" +kernels", True, False, None)] * args.cpu_kernels
+    variants += [(" +compile", False, True, None)] * args.compile
+    variants += [(" +keep-heap", False, False, KEEP_HEAP)] * args.keep_heap
     names = [name for pair in args.pairs for name in PAIRS[pair]]
     for name in names:
         print(f"params {name}: {params_in_use(name, build(name, args)):,}")
     workers = {name + suffix: StepWorker(partial(make_train_step, name, kernels, compiled, args, device), device,
-                                         args.threads)
-               for suffix, kernels, compiled in variants for name in names}
+                                         args.threads, env=env)
+               for suffix, kernels, compiled, env in variants for name in names}
     seconds = {name: [] for name in workers}
     for _ in range(args.rounds):  # alternate, so drifts of the machine hit every contender alike
         for name, worker in workers.items():
             seconds[name].append(worker.time())
+    faults = {name: worker.page_faults() for name, worker in workers.items()}
     peak = {name: worker.peak_memory() for name, worker in workers.items()}
     for worker in workers.values():
         worker.close()
 
     tokens = args.batch * args.seq_len
     median = {name: statistics.median(s) for name, s in seconds.items()}
-    print(f"\n{'contender':<32}{'s/step (median)':>16}{'tokens/s':>10}{'peak MiB':>10}")
+    print(f"\n{'contender':<32}{'s/step (median)':>16}{'tokens/s':>10}{'peak MiB':>10}{'faulted MiB/step':>18}")
     for name in workers:
-        print(f"{name:<32}{median[name]:>16.3f}{tokens / median[name]:>10.0f}{peak[name] / 2**20:>10.0f}")
+        print(f"{name:<32}{median[name]:>16.3f}{tokens / median[name]:>10.0f}{peak[name] / 2**20:>10.0f}"
+              f"{faults[name] * 4 / 1024:>18.0f}")
     print()
     for pair in args.pairs:
         ours, theirs = PAIRS[pair]
-        for suffix, _, _ in variants:
+        for suffix, *_ in variants:
             a, b = ours + suffix, theirs + suffix
             per_round = [r / o for o, r in zip(seconds[a], seconds[b])]
             print(f"{a} / {b}: tokens/s {fmt_ratio(median[b], median[a])} (per round {min(per_round):.2f}-"
                   f"{max(per_round):.2f}x), peak memory {fmt_ratio(peak[a], peak[b])}")
     print("s/step per round: " + "; ".join(f"{n} " + "/".join(f"{t:.2f}" for t in s) for n, s in seconds.items()))
 
-    peaks = {kernels: matmul_peak_flops(torch.device(device), kernels=kernels) for _, kernels, _ in variants}
+    peaks = {kernels: matmul_peak_flops(torch.device(device), kernels=kernels) for _, kernels, *_ in variants}
     for pair in args.pairs:
         name = PAIRS[pair][0]
         step = make_train_step(name, False, False, args, device)
@@ -162,7 +172,7 @@ def main() -> None:
         with FlopCounterMode(display=False) as counter:
             step()
         flops = counter.get_total_flops()  # the model's FLOPs: the same eager or compiled
-        for suffix, kernels, _ in variants:
+        for suffix, kernels, *_ in variants:
             rate, peak_flops = flops / median[name + suffix], peaks[kernels]
             print(f"{name + suffix}: {flops / 1e9:.1f} GFLOP per step, {rate / 1e9:.1f} GFLOP/s = "
                   f"{rate / peak_flops:.0%} of this machine's fp32 matmul peak ({peak_flops / 1e9:.0f} GFLOP/s, "
