@@ -22,6 +22,11 @@ peak (CUDA) during one step, measured apart from the timing runs.
     python bench/vit_throughput.py                      # defaults: ~5 min on 2 busy cores
     python bench/vit_throughput.py --sizes 32 --rounds 3  # quick: the 32 px targets only
     python bench/vit_throughput.py --compile              # compiled vs compiled
+    python bench/vit_throughput.py --keep-heap            # glibc keeps freed memory on every side
+
+`train faulted MiB/step`: memory a training step page-faults in (first touches of fresh pages: by
+default glibc maps large tensors afresh and trims its heap, so every step faults its large
+temporaries in again; `--keep-heap` stops that, the same for every model).
 """
 
 import argparse
@@ -39,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import StepWorker, fmt_ratio, machine, params  # noqa: E402
+from bench.common import KEEP_HEAP, StepWorker, fmt_ratio, machine, params  # noqa: E402
 from hiertrans import cpu_kernels  # noqa: E402
 from hiertrans.vit import create_model  # noqa: E402
 
@@ -104,15 +109,18 @@ def measure(title: str, contenders: dict[str, str], batch: int, img: int, classe
           f"(median), {classes} classes", flush=True)
     seconds: dict[tuple[str, str], list[float]] = {}
     memory: dict[tuple[str, str], int] = {}
+    faulted: dict[tuple[str, str], float] = {}  # bytes page-faulted in per step
     for mode in ("train", "infer"):
         workers = {label: StepWorker(partial(make_step, name, mode, batch, img, classes, steps, args.channels_last,
                                              args.device, args.cpu_kernels, args.compile),
-                                     args.device, args.threads or None, args.warmup)
+                                     args.device, args.threads or None, args.warmup,
+                                     env=KEEP_HEAP if args.keep_heap else None)
                    for label, name in contenders.items()}
         for _ in range(rounds):
             for label, worker in workers.items():  # alternate: ours, theirs, ours, theirs, ...
                 seconds.setdefault((label, mode), []).append(worker.time())
         for label, worker in workers.items():
+            faulted[label, mode] = worker.page_faults() * 4096 / steps
             memory[label, mode] = worker.peak_memory()
             worker.close()
 
@@ -122,13 +130,14 @@ def measure(title: str, contenders: dict[str, str], batch: int, img: int, classe
     models = {label: build(name, classes) for label, name in contenders.items()}
     flops = {label: forward_flops(model, img) for label, model in models.items()}
     header = (f"{'model':<26}{'params':>9}{'GFLOPs/img':>11}{'train img/s':>13}{'infer img/s':>13}"
-              f"{'train MiB':>11}{'infer MiB':>11}")
+              f"{'train MiB':>11}{'infer MiB':>11}{'train faulted MiB/step':>24}")
     print(header)
     print("-" * len(header))
     for label, model in models.items():
         print(f"{label:<26}{params(model) / 1e6:>8.2f}M{flops[label] / 1e9:>11.3f}"
               f"{ips(label, 'train'):>13.1f}{ips(label, 'infer'):>13.1f}"
-              f"{memory[label, 'train'] / 2**20:>11.0f}{memory[label, 'infer'] / 2**20:>11.0f}")
+              f"{memory[label, 'train'] / 2**20:>11.0f}{memory[label, 'infer'] / 2**20:>11.0f}"
+              f"{faulted[label, 'train'] / 2**20:>24.0f}")
     ours, *peers = models
     for theirs in peers:
         print(f"ours/{theirs.split()[0]}: params {fmt_ratio(params(models[ours]), params(models[theirs]))}, "
@@ -164,12 +173,15 @@ def main() -> None:
     parser.add_argument("--cpu-kernels", action="store_true",
                         help="apply hiertrans.cpu_kernels to every model (the same swap on every side)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (compiled vs compiled)")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="every model with glibc keeping freed memory (bench.common.KEEP_HEAP): no page "
+                             "faults per step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     print(machine())
     print(f"timm {timm.__version__}, device {args.device}, {args.threads or torch.get_num_threads()} threads, "
           f"channels_last={args.channels_last}, compile={args.compile}, cpu_kernels={args.cpu_kernels} "
-          f"(every model alike), one process per model and mode")
+          f"keep_heap={args.keep_heap} (every model alike), one process per model and mode")
     sizes = {int(s) for s in args.sizes.split(",")}
     if 32 in sizes:
         measure("CIFAR size", {"hvit_cifar": "hvit_cifar", ADAPTED: ADAPTED, "pvt_v2_b0 (stock)": "pvt_v2_b0"},
