@@ -31,6 +31,9 @@ swapped into its model (the same swap on both sides; rows marked `+ kernels`, ra
 `gelu` computes small GELUs outside autograd (a decoding step's) on native kernels instead of
 oneDNN's; the reference's full-context GELUs are too large for it and stay as they are.
 
+With `--keep-heap`, every contender runs with glibc keeping the memory it frees (`bench.common.KEEP_HEAP`):
+by default a full-context forward maps and page-faults its large temporaries afresh at every byte.
+
 Columns: `cached / this` is eager against eager (ours cached vs this contender); `compiled cached /
 this` is ours compiled against this contender: against the eager reference it is not like for like
 (labelled so in the docs); against `reference (compiled)` at 1,024 and 4,096 bytes it is.
@@ -52,7 +55,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import StepWorker, machine, params  # noqa: E402
+from bench.common import KEEP_HEAP, StepWorker, machine, params  # noqa: E402
 from hiertrans import HierarchicalTransformer, cpu_kernels  # noqa: E402
 
 LM_YAML = dict(num_tokens=256, dim=128, depth=4, seq_len=256, heads=4, dim_head=32, ff_mult=4, hierarchies=(1, 2),
@@ -131,6 +134,8 @@ def main() -> None:
                         help="also time the reference with its forward compiled (slow to compile)")
     parser.add_argument("--cpu-kernels", nargs="*", choices=tuple(cpu_kernels.KERNELS), default=None,
                         help="swap these hiertrans.cpu_kernels (none named: all) into every contender's model")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="every contender with glibc keeping freed memory (bench.common.KEEP_HEAP)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,16 +152,19 @@ def main() -> None:
     contenders += ("reference (compiled)",) if args.compiled_reference else ()
     kernels = None if args.cpu_kernels is None else tuple(args.cpu_kernels or cpu_kernels.KERNELS)
     variants = (None,) + ((kernels,) if kernels else ())  # plain, and with the kernels on every contender
+    if args.keep_heap:
+        print(f"every contender with glibc keeping freed memory: {KEEP_HEAP}")
     if kernels:
         print(f"rows '+ kernels': every contender with hiertrans.cpu_kernels {', '.join(kernels)} (the same swap)")
     jobs = [(name, batch, new, variant) for batch in args.batch for variant in variants for name in contenders
             for new in (args.new if name in CACHED else uncached_lengths)]
     workers = {job: StepWorker(partial(make_generate, job[0], job[2], job[1], args.prompt_len, job[3]), "cpu",
-                               args.threads, warmup=0) for job in jobs}
+                               args.threads, warmup=0, env=KEEP_HEAP if args.keep_heap else None) for job in jobs}
     seconds: dict[tuple, list[float]] = {job: [] for job in jobs}
     for _ in range(args.rounds):
         for job, worker in workers.items():
             seconds[job].append(worker.time())
+    faulted = {job: worker.page_faults() * 4 / 1024 for job, worker in workers.items()}  # MiB per call
     for worker in workers.values():
         worker.close()
     median = {job: statistics.median(s) for job, s in seconds.items()}
@@ -192,6 +200,9 @@ def main() -> None:
     print("\nper round (s): " + "; ".join(f"{label(name, variant)} b{batch} {new}: "
                                          + "/".join(f"{t:.2f}" for t in seconds[(name, batch, new, variant)])
                                          for name, batch, new, variant in jobs))
+    print("faulted MiB per call (page faults of freshly mapped memory): " + "; ".join(
+        f"{label(name, variant)} b{batch} {new}: {faulted[(name, batch, new, variant)]:.0f}"
+        for name, batch, new, variant in jobs))
     print(machine().rsplit("; ", 1)[-1] + " at the end")
 
 
