@@ -312,7 +312,8 @@ class CPUGELU(nn.GELU):
     `F.gelu` sends every fp32 CPU input to oneDNN's eltwise GELU, whose per-call setup (~8 us alone,
     ~20 us inside a decoding step) is most of the cost of a one-position GELU (decoding a token runs
     one per block); the native kernel takes ~1 us. oneDNN is switched off (`torch.backends.mkldnn`,
-    process-wide) for the one call only and restored after it."""
+    process-wide) for the one call only and restored after it (another thread's ops in that window
+    take the native kernels too: the same values within rounding)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
