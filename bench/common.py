@@ -148,11 +148,12 @@ def fmt_ratio(ours: float, theirs: float) -> str:
 KEEP_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
 
-def minor_page_faults() -> int:
-    """Minor page faults of this process so far (first touches of freshly mapped memory)."""
+def faulted_bytes() -> int:
+    """Memory this process has page-faulted in so far (minor faults: first touches of freshly mapped
+    pages) x the page size. A lower bound where transparent huge pages map 2 MiB in one fault."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt * resource.getpagesize()
 
 
 def _serve(conn, make_step: Callable[[], Callable[[], object]], device: str, threads: int | None,
@@ -163,16 +164,17 @@ def _serve(conn, make_step: Callable[[], Callable[[], object]], device: str, thr
     for _ in range(warmup):
         step()
     conn.send("ready")
-    faults = []
+    faulted = []  # bytes page-faulted in per timed call
     while (request := conn.recv()) != "stop":
         if request == "time":
-            before = minor_page_faults()
-            conn.send(timed(step, torch.device(device)))
-            faults.append(minor_page_faults() - before)
+            before = faulted_bytes()
+            seconds = timed(step, torch.device(device))
+            faulted.append(faulted_bytes() - before)
+            conn.send(seconds)
         elif request == "memory":
             conn.send(peak_memory_during(step, torch.device(device))[1])
-        elif request == "faults":
-            conn.send(statistics.median(faults) if faults else float("nan"))
+        elif request == "faulted":
+            conn.send(statistics.median(faulted) if faulted else float("nan"))
 
 
 class StepWorker:
@@ -195,8 +197,8 @@ class StepWorker:
         self.process = context.Process(target=_serve, args=(child, make_step, device, threads, warmup),
                                        daemon=True)
         saved = {key: os.environ.get(key) for key in env or {}}
-        os.environ.update(env or {})  # the spawned interpreter inherits it (glibc reads MALLOC_* at start)
         try:
+            os.environ.update(env or {})  # the spawned interpreter inherits it (glibc reads MALLOC_* at start)
             self.process.start()
         finally:
             for key, value in saved.items():
@@ -213,13 +215,14 @@ class StepWorker:
         self.conn.send("time")
         return self.conn.recv()
 
-    def page_faults(self) -> float:
-        """Median minor page faults of the steps timed so far (4 KiB pages touched for the first time)."""
-        self.conn.send("faults")
+    def faulted_bytes(self) -> float:
+        """Median bytes page-faulted in by the calls timed so far (see `faulted_bytes`)."""
+        self.conn.send("faulted")
         return self.conn.recv()
 
     def peak_memory(self) -> int:
-        """Peak bytes one step adds (see `peak_memory_during`)."""
+        """Peak bytes one step adds (see `peak_memory_during`: live tensors, whatever `env` set for
+        glibc; it leaves glibc's thresholds fixed, so time nothing after it)."""
         self.conn.send("memory")
         return self.conn.recv()
 

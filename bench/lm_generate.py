@@ -164,7 +164,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for job, worker in workers.items():
             seconds[job].append(worker.time())
-    faulted = {job: worker.page_faults() * 4 / 1024 for job, worker in workers.items()}  # MiB per call
+    faulted = {job: worker.faulted_bytes() / 2**20 for job, worker in workers.items()}  # MiB per call
     for worker in workers.values():
         worker.close()
     median = {job: statistics.median(s) for job, s in seconds.items()}

@@ -143,7 +143,7 @@ def main() -> None:
     for _ in range(args.rounds):  # alternate, so drifts of the machine hit every contender alike
         for name, worker in workers.items():
             seconds[name].append(worker.time())
-    faults = {name: worker.page_faults() for name, worker in workers.items()}
+    faulted = {name: worker.faulted_bytes() for name, worker in workers.items()}
     peak = {name: worker.peak_memory() for name, worker in workers.items()}
     for worker in workers.values():
         worker.close()
@@ -153,7 +153,7 @@ def main() -> None:
     print(f"\n{'contender':<32}{'s/step (median)':>16}{'tokens/s':>10}{'peak MiB':>10}{'faulted MiB/step':>18}")
     for name in workers:
         print(f"{name:<32}{median[name]:>16.3f}{tokens / median[name]:>10.0f}{peak[name] / 2**20:>10.0f}"
-              f"{faults[name] * 4 / 1024:>18.0f}")
+              f"{faulted[name] / 2**20:>18.0f}")
     print()
     for pair in args.pairs:
         ours, theirs = PAIRS[pair]

@@ -120,7 +120,7 @@ def measure(title: str, contenders: dict[str, str], batch: int, img: int, classe
             for label, worker in workers.items():  # alternate: ours, theirs, ours, theirs, ...
                 seconds.setdefault((label, mode), []).append(worker.time())
         for label, worker in workers.items():
-            faulted[label, mode] = worker.page_faults() * 4096 / steps
+            faulted[label, mode] = worker.faulted_bytes() / steps
             memory[label, mode] = worker.peak_memory()
             worker.close()
 

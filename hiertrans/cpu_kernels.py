@@ -41,9 +41,9 @@ fp32, with and without them, and each kernel's op alone at the step's shapes):
   step (dim 256, seq 1024, `bench/lm_throughput.py`) went from 1.49-1.60 to 1.06-1.09 s: 1.4-1.5x.
   The other three kernels were part of the 1.13-1.31x the plain implementation measured then.
 - `gelu`, sampling (`python bench/lm_generate.py --new 256 --cpu-kernels gelu`, lm.yaml's model,
-  batch 1, Intel Xeon family 6 model 167, AVX-512, 2 threads, session 14): 256 new bytes in 0.45
-  instead of 0.50 s (~10%; one run, 7 alternating rounds), where each one-position GELU cost
-  ~20 us on oneDNN inside the step and ~1.6 us on the native kernel. Training is untouched (its
+  batch 1, Intel Xeon family 6 model 167, AVX-512, 2 threads, session 14): 256 new bytes in
+  0.44-0.45 instead of 0.48-0.50 s (6-11%; three runs of 7-9 alternating rounds), where each
+  one-position GELU cost ~20 us on oneDNN inside the step and ~1.6 us on the native kernel. Training is untouched (its
   GELUs are large and record autograd).
 - Not measured, expected not to pay: the training kernels on Intel CPUs (MKL takes its AVX-512
   kernels there itself); GPUs (every kernel falls back to the plain op: CUDA has a fused RMSNorm
@@ -57,6 +57,7 @@ This is the only module of hiertrans that uses private PyTorch APIs (`torch.ops.
 
 import math
 import platform
+import threading
 from collections.abc import Iterable
 
 import torch
@@ -311,21 +312,28 @@ class CPUGELU(nn.GELU):
     """`nn.GELU` whose small fp32/fp64 CPU inputs outside autograd run on PyTorch's native kernel:
     `F.gelu` sends every fp32 CPU input to oneDNN's eltwise GELU, whose per-call setup (~8 us alone,
     ~20 us inside a decoding step) is most of the cost of a one-position GELU (decoding a token runs
-    one per block); the native kernel takes ~1 us. oneDNN is switched off (`torch.backends.mkldnn`,
-    process-wide) for the one call only and restored after it (another thread's ops in that window
-    take the native kernels too: the same values within rounding)."""
+    one per block); the native kernel takes ~1.6 us. Both `approximate` modes take this path (the
+    tanh one never used oneDNN: no change there).
+
+    oneDNN is switched off (`torch.backends.mkldnn.enabled`, a process-wide flag) for the one call and
+    restored after it, under a lock so that concurrent calls cannot leave it off; other threads' ops
+    in that window also take PyTorch's native kernels (the same values within rounding)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
                 and x.numel() <= SMALL_GELU_MAX_NUMEL
                 and not (torch.is_grad_enabled() or torch.compiler.is_compiling())):
-            onednn = torch.backends.mkldnn.enabled
-            torch.backends.mkldnn.enabled = False
-            try:
-                return super().forward(x)
-            finally:
-                torch.backends.mkldnn.enabled = onednn
+            with _ONEDNN_SWITCH:
+                onednn = torch.backends.mkldnn.enabled
+                torch.backends.mkldnn.enabled = False
+                try:
+                    return super().forward(x)
+                finally:
+                    torch.backends.mkldnn.enabled = onednn
         return super().forward(x)
+
+
+_ONEDNN_SWITCH = threading.Lock()
 
 
 # --- the switch ---------------------------------------------------------------------------------

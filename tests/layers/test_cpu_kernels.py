@@ -2,6 +2,7 @@
 out of any model; the default path runs plain PyTorch only."""
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -312,7 +313,7 @@ def test_linear_compiles_with_the_onednn_product():
 
 # --- GELU of small inputs -----------------------------------------------------------------------
 
-def test_small_gelu_matches_exact_gelu_and_leaves_other_inputs_to_it():
+def test_small_gelu_matches_exact_gelu_and_leaves_large_or_autograd_inputs_to_it():
     gelu = CPUGELU()
     x = torch.cat((torch.linspace(-12, 12, 2001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0])))
     with torch.inference_mode():
@@ -325,11 +326,19 @@ def test_small_gelu_matches_exact_gelu_and_leaves_other_inputs_to_it():
         tanh = CPUGELU(approximate="tanh")
         assert torch.equal(tanh(x), F.gelu(x, approximate="tanh"))
         onednn = torch.backends.mkldnn.enabled
-        try:  # the kernel switches oneDNN off for its call only, whatever it was
+        try:  # the kernel switches oneDNN off for its call only, whatever it was, from any number of threads
             for enabled in (False, True):
                 torch.backends.mkldnn.enabled = enabled
                 gelu(x)
                 assert torch.backends.mkldnn.enabled == enabled
+            def calls(_: int) -> None:
+                with torch.inference_mode():  # grad mode is per thread
+                    for _ in range(500):
+                        gelu(x[:64])
+
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(calls, range(4)))
+            assert torch.backends.mkldnn.enabled
         finally:
             torch.backends.mkldnn.enabled = onednn
     leaf = torch.randn(8, requires_grad=True)  # autograd recording: F.gelu, with its backward
