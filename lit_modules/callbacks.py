@@ -141,7 +141,9 @@ class SaveOnSigterm(Callback):
     once (SLURM and torchrun signal each task). The handler only takes note; at the end of every
     training step the ranks agree (one small all-reduce: "did any rank get SIGTERM?") and all stop after
     that same step, so the checkpoint is one consistent step boundary, and `fit --ckpt_path last`
-    continues exactly there. This handler replaces Lightning's own for the run: Lightning 2.6's
+    continues exactly there. With gradient accumulation, a step is the optimizer's: the batches of an
+    unfinished accumulation run first (their gradients are not in the checkpoint). This handler
+    replaces Lightning's own for the run: Lightning 2.6's
     broadcasts from inside the signal handler, which breaks when every rank is signalled (the ranks'
     broadcasts pair with whatever collective the others are in). Lightning writes checkpoints
     atomically (a temporary file, then a rename), so a SIGKILL after a grace period cannot leave a
@@ -168,7 +170,11 @@ class SaveOnSigterm(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._install()
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if ((batch_idx + 1) % trainer.accumulate_grad_batches
+                and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch):
+            return  # gradients still accumulating: stop after the optimizer step, a step boundary to resume from
         stop = self.signalled or trainer.received_sigterm  # Lightning's handler may have seen one first
         if trainer.world_size > 1:  # every rank, every step: all stop after the same one
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)

@@ -22,9 +22,11 @@ from conftest import ROOT
 from helpers import TINY_LM_ARGS, cli_in_process
 
 HERE = Path(__file__).resolve().parent  # test_faults (callbacks by class path) and helpers.py, for subprocesses
-STEPS, EVERY, PAUSE_AT = 12, 3, 5  # 4 batches per epoch: the periodic checkpoint at step 3 is mid-epoch
+STEPS, EVERY, PAUSE_AT = 12, 3, 5  # 4 batches, 2 optimizer steps per epoch: the checkpoint at step 3 is mid-epoch
 
-ARGS = [*TINY_LM_ARGS, "--data.init_args.batch_size=4", "--data.init_args.path=corpus.txt",
+# two batches per optimizer step (lm.yaml's setting): SIGTERM arrives as an accumulation starts
+ARGS = [*TINY_LM_ARGS, "--data.init_args.batch_size=4", "--trainer.accumulate_grad_batches=2",
+        "--data.init_args.path=corpus.txt",
         "--data.init_args.val_fraction=0.05", "--data.init_args.test_fraction=0.05",
         "--data.init_args.train_samples_per_epoch=16", f"--trainer.max_steps={STEPS}", "--trainer.limit_val_batches=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.deterministic=true"]
