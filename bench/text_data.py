@@ -14,7 +14,7 @@ Targets and what measures them:
 - startup: a 10 GiB corpus (a directory of 1 GiB files, so it goes through the cache) reaches its
   first training step within 10 s once the cache exists: the CLI run is timed from process start
   to the first `on_train_batch_start` (a callback of this file), after a first run that built the cache.
-- loader: the training loader alone (lm.yaml's batch settings: 16 x 257 bytes, no workers) reads
+- loader: the training loader alone (lm.yaml's batch settings: 8 x 257 bytes, no workers) reads
   >= 20x the bytes per second the default LM consumes; the LM's figure is measured here (fwd + bwd +
   AdamW of lm.yaml's model on this machine) and the README's stated 12,500 bytes/s (idle, 2 threads)
   is shown beside it.
@@ -231,7 +231,7 @@ def bench_startup(work: Path, env: dict, directory: Path) -> dict:
 
 
 def measure_lm_bytes_per_s(steps: int = 4) -> float | None:
-    """Bytes/s the default LM (configs/lm.yaml's model, batch 16 x 256) trains at here: fwd + bwd + AdamW."""
+    """Bytes/s the default LM (configs/lm.yaml's model and batch) trains at here: fwd + bwd + AdamW."""
     import yaml
 
     from hiertrans import HierarchicalTransformer
