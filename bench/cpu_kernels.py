@@ -1,6 +1,6 @@
 """Where `hiertrans.cpu_kernels` pay: configs/lm.yaml's training step, eager, with and without them.
 
-    python bench/cpu_kernels.py                    # lm.yaml's model and batch (16 x 256 bytes)
+    python bench/cpu_kernels.py                    # lm.yaml's model, a step's 16 x 256 bytes as one batch
     python bench/cpu_kernels.py --rounds 20 --threads 1
 
 Contenders: plain PyTorch, all kernels, and each kernel alone. Each runs in a process of its own
