@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from unittest.mock import patch
 
 import psutil
 import torch
@@ -196,16 +197,8 @@ class StepWorker:
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, make_step, device, threads, warmup),
                                        daemon=True)
-        saved = {key: os.environ.get(key) for key in env or {}}
-        try:
-            os.environ.update(env or {})  # the spawned interpreter inherits it (glibc reads MALLOC_* at start)
+        with patch.dict(os.environ, env or {}):  # the spawned interpreter inherits it (glibc reads MALLOC_* at start)
             self.process.start()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key)
-                else:
-                    os.environ[key] = value
         child.close()
         if self.conn.recv() != "ready":
             raise RuntimeError("benchmark worker failed to start")

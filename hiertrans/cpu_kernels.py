@@ -43,8 +43,8 @@ fp32, with and without them, and each kernel's op alone at the step's shapes):
 - `gelu`, sampling (`python bench/lm_generate.py --new 256 --cpu-kernels gelu`, lm.yaml's model,
   batch 1, Intel Xeon family 6 model 167, AVX-512, 2 threads, session 14): 256 new bytes in
   0.44-0.45 instead of 0.48-0.50 s (6-11%; three runs of 7-9 alternating rounds), where each
-  one-position GELU cost ~20 us on oneDNN inside the step and ~1.6 us on the native kernel. Training is untouched (its
-  GELUs are large and record autograd).
+  one-position GELU cost ~20 us on oneDNN inside the step and ~1.6 us on the native kernel.
+  Training is untouched (its GELUs are large and record autograd).
 - Not measured, expected not to pay: the training kernels on Intel CPUs (MKL takes its AVX-512
   kernels there itself); GPUs (every kernel falls back to the plain op: CUDA has a fused RMSNorm
   backward and cuBLAS; the swap is harmless); `torch.compile`, whose generated code fuses the

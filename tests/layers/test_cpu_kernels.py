@@ -331,6 +331,7 @@ def test_small_gelu_matches_exact_gelu_and_leaves_large_or_autograd_inputs_to_it
                 torch.backends.mkldnn.enabled = enabled
                 gelu(x)
                 assert torch.backends.mkldnn.enabled == enabled
+
             def calls(_: int) -> None:
                 with torch.inference_mode():  # grad mode is per thread
                     for _ in range(500):
