@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from lightning.pytorch import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import machine  # noqa: E402
 
 GIB, MIB = 1 << 30, 1 << 20
 STATED_LM_BYTES_PER_S = 12_500  # README: lm.yaml on an idle AVX-512 machine, two threads (an upper bound)
@@ -66,22 +66,6 @@ class FirstStep(Callback):
             started = psutil.Process().create_time()
             print(f"{FIRST_STEP_MARK} {time.time() - started:.2f}", flush=True)
         self.seen = True
-
-
-# ---------------------------------------------------------------------------------------------
-# the machine
-
-
-def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")),
-                     []))
-    isa = [f for f in ("avx512f", "avx512_bf16", "avx2", "fma") if f in flags]
-    return {"cpu": model, "cores": os.cpu_count(), "isa": isa or ["none of avx512f/avx2"],
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "load_avg_1m": round(os.getloadavg()[0], 2), "ram_gib": round(psutil.virtual_memory().total / GIB, 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,8 +321,8 @@ def main() -> None:
     env = {**os.environ, "HIERTRANS_CACHE": str(work / "cache"), "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     os.environ["HIERTRANS_CACHE"] = env["HIERTRANS_CACHE"]
-    results: dict = {"machine": machine()}
-    print("machine:", json.dumps(results["machine"]), flush=True)
+    results: dict = {"machine": machine(), "ram_gib": round(psutil.virtual_memory().total / GIB, 1)}
+    print(f"{results['machine']}; {results['ram_gib']} GiB RAM", flush=True)
     try:
         block = text_block()
         big = work / "big.txt"
