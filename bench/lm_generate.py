@@ -4,6 +4,7 @@
     python bench/lm_generate.py                 # lm.yaml's model; 256, 1,024 and 4,096 new bytes; batch 1 and 4
     python bench/lm_generate.py --new 256 --batch 1 --rounds 5
     python bench/lm_generate.py --new 256 --cpu-kernels gelu   # an optional CPU kernel, on every contender
+    python bench/lm_generate.py --new 256 --batch 1 --dim 32    # a narrower network (heads of 32 features)
 
 Both models are lm.yaml's network (dim 128, depth 4, hierarchies (1, 2), windows (32, None),
 seq_len 256) from the same seed, in eval mode, sampling with the same settings (temperature 1.0,
@@ -65,13 +66,15 @@ CONTENDERS = ("ours (cached)", "ours (cached, compiled)", "ours (uncached)", "re
 CACHED = ("ours (cached)", "ours (cached, compiled)")  # timed at every length; the others extrapolated
 
 
-def build(name: str) -> torch.nn.Module:
+def build(name: str, dim: int = LM_YAML["dim"]) -> torch.nn.Module:
+    """A contender's model: lm.yaml's network, or another width `dim` (heads of 32 features each)."""
     torch.manual_seed(0)
+    config = {**LM_YAML, "dim": dim, "heads": dim // LM_YAML["dim_head"]}
     if name.startswith("reference"):
         from simple_hierarchical_transformer import HierarchicalTransformer as Reference
 
-        return Reference(**LM_YAML).eval()
-    return HierarchicalTransformer(**LM_YAML, ignore_index=-1).eval()
+        return Reference(**config).eval()
+    return HierarchicalTransformer(**config, ignore_index=-1).eval()
 
 
 def prompt(batch: int, length: int) -> torch.Tensor:
@@ -95,10 +98,11 @@ def compiled_at_context(forward, context: int):
     return call
 
 
-def make_generate(name: str, new: int, batch: int, prompt_len: int, kernels: tuple[str, ...] | None = None):
+def make_generate(name: str, new: int, batch: int, prompt_len: int, kernels: tuple[str, ...] | None = None,
+                  dim: int = LM_YAML["dim"]):
     """Runs in a worker process: one call generates `new` bytes after the prompt; `kernels`: the
     `hiertrans.cpu_kernels` swapped into the model (any contender's, through the same swap)."""
-    model, ids = build(name), prompt(batch, prompt_len)
+    model, ids = build(name, dim), prompt(batch, prompt_len)
     if kernels is not None:
         cpu_kernels.apply(model, kernels=kernels)
     options = {"ours (uncached)": dict(use_cache=False), "ours (cached, compiled)": dict(compile=True)}.get(name, {})
@@ -134,6 +138,8 @@ def main() -> None:
                         help="also time the reference with its forward compiled (slow to compile)")
     parser.add_argument("--cpu-kernels", nargs="*", choices=tuple(cpu_kernels.KERNELS), default=None,
                         help="swap these hiertrans.cpu_kernels (none named: all) into every contender's model")
+    parser.add_argument("--dim", type=int, default=LM_YAML["dim"],
+                        help="model width for every contender (heads of 32 features; default lm.yaml's 128)")
     parser.add_argument("--keep-heap", action="store_true",
                         help="every contender with glibc keeping freed memory (bench.common.KEEP_HEAP)")
     args = parser.parse_args()
@@ -141,9 +147,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     context = LM_YAML["seq_len"]
     print(machine())
-    print(f"model: lm.yaml's HierarchicalTransformer ({params(build('ours')):,} parameters; the reference "
-          f"{params(build('reference')):,}), seq_len {context}, eval mode; sampling {SAMPLING} after a "
-          f"{args.prompt_len}-byte prompt; one process per contender, {args.rounds} alternating rounds")
+    if args.dim % LM_YAML["dim_head"]:
+        raise ValueError(f"--dim must be a multiple of dim_head={LM_YAML['dim_head']}, got {args.dim}")
+    width = "" if args.dim == LM_YAML["dim"] else f" at dim {args.dim} ({args.dim // LM_YAML['dim_head']} heads)"
+    print(f"model: lm.yaml's HierarchicalTransformer{width} ({params(build('ours', args.dim)):,} parameters; the "
+          f"reference {params(build('reference', args.dim)):,}), seq_len {context}, eval mode; sampling {SAMPLING} "
+          f"after a {args.prompt_len}-byte prompt; one process per contender, {args.rounds} alternating rounds")
 
     # (contender, batch, new bytes, kernels) -> worker; the uncached loops at 256 and 256 + tail only
     uncached_lengths = sorted({min(n, context) for n in args.new} | {context + args.tail})
@@ -158,8 +167,9 @@ def main() -> None:
         print(f"rows '+ kernels': every contender with hiertrans.cpu_kernels {', '.join(kernels)} (the same swap)")
     jobs = [(name, batch, new, variant) for batch in args.batch for variant in variants for name in contenders
             for new in (args.new if name in CACHED else uncached_lengths)]
-    workers = {job: StepWorker(partial(make_generate, job[0], job[2], job[1], args.prompt_len, job[3]), "cpu",
-                               args.threads, warmup=0, env=KEEP_HEAP if args.keep_heap else None) for job in jobs}
+    env = KEEP_HEAP if args.keep_heap else None
+    workers = {job: StepWorker(partial(make_generate, job[0], job[2], job[1], args.prompt_len, job[3], args.dim),
+                               "cpu", args.threads, warmup=0, env=env) for job in jobs}
     seconds: dict[tuple, list[float]] = {job: [] for job in jobs}
     for _ in range(args.rounds):
         for job, worker in workers.items():

@@ -20,9 +20,13 @@ def test_bare_config_names_resolve_to_shipped_configs(tmp_path, monkeypatch):
     assert resolve_config("lm.yaml") == "lm.yaml"  # a file in the working directory wins
 
 
-def test_help_and_print_config(run_cli):
-    assert "--config" in run_cli("fit", "--help").stdout
-    printed = run_cli("fit", "--config", "lm.yaml", "--print_config").stdout
+def test_help_and_print_config(tmp_path, capsys):
+    from helpers import cli_in_process  # the CLI's own entry point; the subprocess runs are in the fit tests
+
+    assert cli_in_process(tmp_path, "fit", "--help") == 0
+    assert "--config" in capsys.readouterr().out
+    assert cli_in_process(tmp_path, "fit", "--config", "lm.yaml", "--print_config") == 0
+    printed = capsys.readouterr().out
     assert "class_path: lit_modules.LanguageModel" in printed
     assert "class_path: datamodules.ByteTextDataModule" in printed
 

@@ -141,10 +141,10 @@ def test_lm_hourglass_yaml_parameter_count():
 def test_cli_fit_and_predict_through_lm_hourglass_yaml(run_cli, tmp_path):
     from conftest import read_scalars
 
-    printed = run_cli("fit", "--config", "lm_hourglass.yaml", "--print_config").stdout
-    assert "class_path: hiertrans.HourglassTransformer\n" in printed
     run_cli("fit", "--config", "lm_hourglass.yaml", "--trainer.max_steps=20", "--trainer.limit_val_batches=2",
             "--model.init_args.sample_length=8")
+    (saved,) = (tmp_path / "runs").rglob("config.yaml")  # the whole resolved config, as --print_config prints it
+    assert "class_path: hiertrans.HourglassTransformer\n" in saved.read_text()
     scalars = read_scalars(tmp_path / "runs")
     assert "train/loss" in scalars and "val/bpb" in scalars
     assert scalars["train/loss"][-1] < scalars["train/loss"][0]
