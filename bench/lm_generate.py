@@ -147,8 +147,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     context = LM_YAML["seq_len"]
     print(machine())
-    if args.dim % LM_YAML["dim_head"]:
-        raise ValueError(f"--dim must be a multiple of dim_head={LM_YAML['dim_head']}, got {args.dim}")
+    if args.dim < 1 or args.dim % LM_YAML["dim_head"]:
+        raise ValueError(f"--dim must be a positive multiple of dim_head={LM_YAML['dim_head']}, got {args.dim}")
     width = "" if args.dim == LM_YAML["dim"] else f" at dim {args.dim} ({args.dim // LM_YAML['dim_head']} heads)"
     print(f"model: lm.yaml's HierarchicalTransformer{width} ({params(build('ours', args.dim)):,} parameters; the "
           f"reference {params(build('reference', args.dim)):,}), seq_len {context}, eval mode; sampling {SAMPLING} "
