@@ -66,10 +66,17 @@ CONTENDERS = ("ours (cached)", "ours (cached, compiled)", "ours (uncached)", "re
 CACHED = ("ours (cached)", "ours (cached, compiled)")  # timed at every length; the others extrapolated
 
 
+def network(dim: int = LM_YAML["dim"]) -> dict:
+    """lm.yaml's network, or the same at another width `dim` (heads of 32 features each)."""
+    if dim < 1 or dim % LM_YAML["dim_head"]:
+        raise ValueError(f"--dim must be a positive multiple of dim_head={LM_YAML['dim_head']}, got {dim}")
+    return {**LM_YAML, "dim": dim, "heads": dim // LM_YAML["dim_head"]}
+
+
 def build(name: str, dim: int = LM_YAML["dim"]) -> torch.nn.Module:
-    """A contender's model: lm.yaml's network, or another width `dim` (heads of 32 features each)."""
+    """A contender's model: `network(dim)` from the same seed."""
     torch.manual_seed(0)
-    config = {**LM_YAML, "dim": dim, "heads": dim // LM_YAML["dim_head"]}
+    config = network(dim)
     if name.startswith("reference"):
         from simple_hierarchical_transformer import HierarchicalTransformer as Reference
 
@@ -147,9 +154,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     context = LM_YAML["seq_len"]
     print(machine())
-    if args.dim < 1 or args.dim % LM_YAML["dim_head"]:
-        raise ValueError(f"--dim must be a positive multiple of dim_head={LM_YAML['dim_head']}, got {args.dim}")
-    width = "" if args.dim == LM_YAML["dim"] else f" at dim {args.dim} ({args.dim // LM_YAML['dim_head']} heads)"
+    width = "" if args.dim == LM_YAML["dim"] else f" at dim {args.dim} ({network(args.dim)['heads']} heads)"
     print(f"model: lm.yaml's HierarchicalTransformer{width} ({params(build('ours', args.dim)):,} parameters; the "
           f"reference {params(build('reference', args.dim)):,}), seq_len {context}, eval mode; sampling {SAMPLING} "
           f"after a {args.prompt_len}-byte prompt; one process per contender, {args.rounds} alternating rounds")
